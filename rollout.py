@@ -1,0 +1,279 @@
+"""K multi-turn rollouts per task, all live episodes batched, with exact token bookkeeping.
+
+    episodes = collect(model, tokenizer, envs, task_ids, k=6)    # task-major: task 0 x k, task 1 x k, ...
+    batch = collate(episodes, tokenizer.pad_token_id)            # padded tensors, aligned with token_logprobs
+
+Token-in / token-out (DESIGN.md 3.1): an episode's `token_ids` are built incrementally and are never
+re-tokenised. The chat template renders the opening messages once (with the assistant header); each
+turn appends exactly the ids the model sampled, up to and including its end-of-turn token (these and
+only these are agent tokens); each observation appends the template's tokens for a user message and
+the next assistant header. The text the environment sees is decoded from the sampled ids; the
+training sequence is the ids themselves.
+
+Choices worth knowing:
+- We sample with our own short loop over the model's forward (KV cache, left padding) rather than
+  HF `generate`: it gives each sampled token's log-prob at the sampling temperature without keeping
+  (steps, B, V) logits around, lets every episode have its own token budget, and makes the
+  cross-rank synchronisation explicit (see `sample`).
+- A turn cut by `max_new_tokens` gets the end-of-turn token appended as a NON-agent token (the model
+  did not sample it) and the truncated text still goes to the environment.
+- Context limit: an episode ends with "context_limit" when its next observation plus at least one
+  new token would not fit `max_seq_len`, or when a turn is cut by that budget (rather than by
+  `max_new_tokens`). The cut turn stays in the sequence (its tokens were sampled) but the
+  environment never sees it. No extra evaluation is requested: reward, success and test counts are
+  whatever the environment's last step reported (0 before any step), so a cut episode usually
+  scores 0, never a silently truncated trajectory.
+- Greedy decoding records log-probs at temperature 1.
+"""
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+END_REASONS = ("completed", "turn_limit", "context_limit", "env_failed")
+
+
+@dataclass
+class Episode:
+    """One rollout. The per-token lists all have len(token_ids)."""
+
+    task_id: str
+    token_ids: list = field(default_factory=list)  # the whole conversation, prompt included
+    agent_mask: list = field(default_factory=list)  # True exactly on ids the model sampled
+    turn_ids: list = field(default_factory=list)  # agent turn index (0, 1, ...) per token, -1 elsewhere
+    sampler_logprobs: list = field(default_factory=list)  # sampler's log-prob per token, 0.0 at non-agent positions
+    reward: float = 0.0
+    success: bool = False
+    pass_count: int = 0
+    num_tests: int = 0
+    num_turns: int = 0
+    end_reason: str = ""  # one of END_REASONS
+    info: dict = field(default_factory=dict)  # the environment's last info
+
+    def append(self, ids, *, agent=False, logprobs=None):
+        self.token_ids += ids
+        self.agent_mask += [agent] * len(ids)
+        self.turn_ids += [self.num_turns if agent else -1] * len(ids)
+        self.sampler_logprobs += list(logprobs) if agent else [0.0] * len(ids)
+
+
+@dataclass
+class Batch:
+    """Right-padded training tensors. The per-position fields are aligned with token_logprobs:
+    position t is about token t+1 (its mask, turn, sampler log-prob)."""
+
+    input_ids: torch.Tensor  # (B, T) long
+    attention_mask: torch.Tensor  # (B, T) long
+    agent_mask: torch.Tensor  # (B, T-1) bool
+    turn_ids: torch.Tensor  # (B, T-1) long, -1 off agent tokens
+    sampler_logprobs: torch.Tensor  # (B, T-1) float32
+    rewards: torch.Tensor  # (B,) float32
+
+    def to(self, device):
+        return Batch(*(getattr(self, f).to(device) for f in self.__dataclass_fields__))
+
+
+def collate(episodes, pad_id):
+    """Pad episodes on the right into a Batch (right padding: positions are then 0..len-1)."""
+    if not episodes:
+        raise ValueError("collate: no episodes")
+    B, T = len(episodes), max(len(e.token_ids) for e in episodes)
+    input_ids = torch.full((B, T), pad_id, dtype=torch.long)  # (B, T)
+    attention_mask = torch.zeros(B, T, dtype=torch.long)  # (B, T)
+    agent_mask = torch.zeros(B, T, dtype=torch.bool)  # (B, T), shifted below
+    turn_ids = torch.full((B, T), -1, dtype=torch.long)  # (B, T)
+    logprobs = torch.zeros(B, T, dtype=torch.float32)  # (B, T)
+    for i, e in enumerate(episodes):
+        n = len(e.token_ids)
+        input_ids[i, :n] = torch.tensor(e.token_ids)
+        attention_mask[i, :n] = 1
+        agent_mask[i, :n] = torch.tensor(e.agent_mask)
+        turn_ids[i, :n] = torch.tensor(e.turn_ids)
+        logprobs[i, :n] = torch.tensor(e.sampler_logprobs)
+    rewards = torch.tensor([e.reward for e in episodes], dtype=torch.float32)  # (B,)
+    return Batch(input_ids, attention_mask, agent_mask[:, 1:], turn_ids[:, 1:], logprobs[:, 1:], rewards)
+
+
+# ------------------------------------------------------------------------------ chat template
+
+
+def prompt_ids(tokenizer, messages):
+    """The opening messages rendered once by the chat template, ending in the assistant header."""
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
+def observation_ids(tokenizer, text):
+    """The template's tokens between the model's end-of-turn token and its next turn: the rest of
+    the assistant footer, a user message holding `text`, and the assistant header. Found by
+    rendering a conversation with and without that user message (template text, not model text),
+    and tokenised after an end-of-turn token so the boundary splits as in a full rendering."""
+    eos = tokenizer.eos_token
+    base = [{"role": "system", "content": "S"}, {"role": "user", "content": "U"}, {"role": "assistant", "content": "A"}]
+    before = tokenizer.apply_chat_template(base, tokenize=False)
+    after = tokenizer.apply_chat_template(base + [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=False)
+    if not after.startswith(before) or eos not in before:
+        raise ValueError("observation_ids: this chat template does not render turns as appendable text")
+    footer = before[before.rindex(eos) + len(eos) :]  # e.g. "\n" after <|im_end|>
+    ids = tokenizer.encode(eos + footer + after[len(before) :], add_special_tokens=False)
+    assert ids[0] == tokenizer.eos_token_id, "the end-of-turn token must encode as one id"
+    return ids[1:]
+
+
+# ----------------------------------------------------------------------------------- sampling
+
+
+def _distributed():
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _anyone(flag: bool) -> bool:
+    """True if `flag` holds on any rank (an all-reduce: every rank must call it in the same order)."""
+    t = torch.tensor([1.0 if flag else 0.0])
+    dist.all_reduce(t)
+    return t.item() > 0
+
+
+@torch.no_grad()
+def sample(model, prompts, budgets, *, eos_id, pad_id, temperature=1.0, greedy=False):
+    """Continue every prompt by at most its budget of tokens, all in one left-padded batch with a
+    KV cache; a row stops at its end-of-turn token. Returns, per row, the sampled ids and their
+    log-probs under the sampling distribution (temperature T; T = 1 for greedy).
+
+    Under torch.distributed every forward pass of a sharded model is a collective (FSDP gathers
+    each layer's weights), so all ranks must run the same number of them: after each step the ranks
+    agree whether anyone still has an unfinished row, and a finished rank keeps stepping its batch
+    (the outputs are discarded) until then. The model is called on the same device as its weights.
+    """
+    device = next(model.parameters()).device
+    B, L = len(prompts), max(len(p) for p in prompts)
+    input_ids = torch.full((B, L), pad_id, dtype=torch.long)  # (B, L), left padded
+    attention_mask = torch.zeros(B, L, dtype=torch.long)  # (B, L)
+    for i, p in enumerate(prompts):
+        input_ids[i, L - len(p) :] = torch.tensor(p)
+        attention_mask[i, L - len(p) :] = 1
+    input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # (B, L): each row starts at 0
+    out_ids, out_logprobs = [[] for _ in range(B)], [[] for _ in range(B)]
+    done = [b <= 0 for b in budgets]
+    synced = _distributed()
+    cache = None
+    step_ids = input_ids  # (B, L) for the prefill, then (B, 1)
+    while True:
+        out = model(input_ids=step_ids, attention_mask=attention_mask, position_ids=position_ids,
+                    cache=cache, use_cache=True, logits_to_keep=1)
+        cache = out.cache
+        logits = out.logits[:, -1].float()  # (B, V)
+        logprobs = torch.log_softmax(logits / (1.0 if greedy else temperature), dim=-1)  # (B, V)
+        if greedy:
+            next_ids = logprobs.argmax(-1)  # (B,)
+        else:
+            next_ids = torch.multinomial(logprobs.exp(), 1).squeeze(-1)  # (B,)
+        chosen = logprobs.gather(-1, next_ids[:, None]).squeeze(-1).tolist()  # B floats
+        for i, (t, lp) in enumerate(zip(next_ids.tolist(), chosen)):
+            if not done[i]:
+                out_ids[i].append(t)
+                out_logprobs[i].append(lp)
+                done[i] = t == eos_id or len(out_ids[i]) >= budgets[i]
+        running = not all(done)
+        if not (_anyone(running) if synced else running):
+            break
+        next_ids = torch.where(torch.tensor(done, device=device), pad_id, next_ids)  # (B,)
+        step_ids = next_ids[:, None]  # (B, 1)
+        attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1)  # (B, L+s)
+        position_ids = position_ids[:, -1:] + 1  # (B, 1)
+    return out_ids, out_logprobs
+
+
+# ------------------------------------------------------------------------------------ episodes
+
+
+def collect(model, tokenizer, envs, task_ids, k, *, temperature=1.0, greedy=False, max_new_tokens=1500,
+            max_seq_len=32768, max_turns=None, progress=True):
+    """Run K episodes of each task and return them task-major (task 0 x k, task 1 x k, ...).
+
+    `envs` has len(envs) worker slots, `reset(slots, task_ids) -> opening messages per slot` and
+    `step(slots, texts) -> StepResult per slot` (appworld_env.EnvPool). At most len(envs) episodes
+    are live at once; a pending episode starts as soon as a slot frees. Each round generates the
+    next turn of every live episode in one batch, then steps all their environments together.
+    `max_turns` (None: leave it to the environment) ends an episode with "turn_limit".
+    Under torch.distributed each rank collects its own tasks; ranks may hold different numbers of
+    episodes and finish at different times (a rank with nothing live samples a dummy batch).
+    """
+    if k < 1 or len(envs) < 1:
+        raise ValueError(f"collect: need k >= 1 and at least one env slot (k={k}, slots={len(envs)})")
+    eos_id, pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
+    episodes = [Episode(task_id=t) for t in task_ids for _ in range(k)]
+    pending = deque(range(len(episodes)))
+    free = list(range(len(envs)))
+    live = {}  # slot -> episode index
+    synced = _distributed()
+    rank0 = not synced or dist.get_rank() == 0
+    bar = tqdm(total=len(episodes), desc="rollouts", disable=not (progress and rank0), dynamic_ncols=True)
+
+    def finish(slot, reason):
+        episodes[live.pop(slot)].end_reason = reason
+        free.append(slot)
+        bar.update(1)
+
+    while True:
+        # Start pending episodes in free slots (one batched reset).
+        if pending and free:
+            slots = [free.pop(0) for _ in range(min(len(free), len(pending)))]
+            starting = [pending.popleft() for _ in slots]
+            opening = envs.reset(slots, [episodes[i].task_id for i in starting])
+            for slot, i, messages in zip(slots, starting, opening):
+                live[slot] = i
+                episodes[i].append(prompt_ids(tokenizer, messages))
+                if len(episodes[i].token_ids) >= max_seq_len:
+                    finish(slot, "context_limit")
+            continue  # slots freed just now are refilled before generating
+        if not (_anyone(bool(live)) if synced else live):
+            break
+
+        # One turn for every live episode, in one batch.
+        slots = sorted(live)
+        eps = [episodes[live[s]] for s in slots]
+        budgets = [min(max_new_tokens, max_seq_len - len(e.token_ids)) for e in eps]
+        if eps:
+            new_ids, new_logprobs = sample(model, [e.token_ids for e in eps], budgets, eos_id=eos_id,
+                                           pad_id=pad_id, temperature=temperature, greedy=greedy)
+        else:  # nothing live here, but other ranks are sampling: take part in their collectives
+            sample(model, [[eos_id]], [1], eos_id=eos_id, pad_id=pad_id, temperature=temperature, greedy=greedy)
+            continue
+
+        to_step, texts = [], []
+        for slot, e, ids, lps, budget in zip(slots, eps, new_ids, new_logprobs, budgets):
+            e.append(ids, agent=True, logprobs=lps)
+            e.num_turns += 1
+            if ids[-1] != eos_id:
+                if budget < max_new_tokens or len(e.token_ids) + 1 > max_seq_len:
+                    finish(slot, "context_limit")  # cut by the context, not by max_new_tokens
+                    continue
+                e.append([eos_id])  # close the cut turn; not sampled, so not an agent token
+            to_step.append(slot)
+            texts.append(tokenizer.decode(ids, skip_special_tokens=True))
+
+        # Step the environments of all episodes that produced a turn.
+        results = envs.step(to_step, texts) if to_step else []
+        for slot, r in zip(to_step, results):
+            e = episodes[live[slot]]
+            e.reward, e.success, e.pass_count, e.num_tests = float(r.reward), bool(r.success), r.pass_count, r.num_tests
+            e.info = dict(r.info or {})
+            if e.info.get("env_failed"):
+                finish(slot, "env_failed")
+            elif r.done:
+                reason = e.info.get("end_reason", "completed")  # an env may report its own turn limit
+                finish(slot, reason if reason in END_REASONS else "completed")
+            elif max_turns is not None and e.num_turns >= max_turns:
+                finish(slot, "turn_limit")
+            else:
+                obs = observation_ids(tokenizer, r.observation)
+                if len(e.token_ids) + len(obs) + 1 > max_seq_len:  # no room for the observation and a token
+                    finish(slot, "context_limit")
+                else:
+                    e.append(obs)
+    bar.close()
+    return episodes
