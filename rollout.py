@@ -265,8 +265,9 @@ def collect(model, tokenizer, envs, task_ids, k, *, temperature=1.0, greedy=Fals
             if e.info.get("env_failed"):
                 finish(slot, "env_failed")
             elif r.done:
-                reason = e.info.get("end_reason", "completed")  # an env may report its own turn limit
-                finish(slot, reason if reason in END_REASONS else "completed")
+                # EnvPool evaluates at its interaction limit too; info["completed"] says whether the
+                # agent itself called complete_task.
+                finish(slot, "turn_limit" if e.info.get("completed") is False else "completed")
             elif max_turns is not None and e.num_turns >= max_turns:
                 finish(slot, "turn_limit")
             else:

@@ -552,6 +552,29 @@ def test_rollout_collate_aligns_masks_with_token_logprobs():
     assert batch.rewards.tolist() == [1.0, 0.0]
 
 
+def test_rollout_on_the_mini_world_keeps_exact_tokens_and_scores():
+    import appworld_env
+
+    appworld_env.setup_mini_world()
+    tasks = appworld_env.load_task_ids("train")[:2]
+    m, tok = _tiny()
+    _eos_happy(m)
+    with appworld_env.EnvPool(2, max_interactions=2, tokenizer=tok) as envs:
+        eps = _collect(m, tok, envs, tasks, 2, max_new_tokens=8, max_seq_len=8192)
+    assert [e.task_id for e in eps] == [tasks[0]] * 2 + [tasks[1]] * 2
+    for e in eps:
+        # the random model never calls complete_task: the pool evaluates at its interaction limit
+        assert e.end_reason == "turn_limit" and e.num_turns == 2 and e.num_tests > 0
+        assert 0.0 <= e.reward <= 1.0 and e.reward == e.pass_count / e.num_tests
+        observation = tok.decode([i for i, a, t in zip(e.token_ids, e.agent_mask, e.turn_ids) if not a])
+        assert "No ```python block found" in observation and "<|im_start|>assistant" in observation
+        assert sum(e.agent_mask) == sum(len(r) for r in _runs(e))
+    batch = rollout.collate(eps, tok.pad_token_id)
+    with torch.no_grad():
+        lp = model.token_logprobs(m, batch.input_ids, batch.attention_mask)  # (B, T-1)
+    torch.testing.assert_close(lp[batch.agent_mask], batch.sampler_logprobs[batch.agent_mask], atol=1e-4, rtol=0)
+
+
 def _fsdp_rollout_worker():
     """Run by each of 2 processes under torchrun: a sharded tiny model with LoRA collects unequal
     numbers of episodes per rank (rank 0: 5 in waves over 2 slots, rank 1: 1), rescoring and a
