@@ -219,6 +219,248 @@ def test_bad_options_are_rejected_by_name():
 
 
 # ============================================================================= appworld_env.py
+# All through the real AppWorld engine in worker processes, on the offline mini-world, which the
+# session fixture builds (idempotent: a second call returns at once).
+
+import json
+import os
+import re
+import signal
+import time
+
+import appworld_env as env
+from mini_world.scenarios import SCENARIOS
+
+NO_CODE = "I am not sure what to do."
+
+
+@pytest.fixture(scope="session")
+def world_root():
+    env.setup_mini_world()
+    return env.DEFAULT_ROOT
+
+
+@pytest.fixture(scope="module")
+def pool(world_root):
+    # short limits so the hang tests are quick; enough interactions for the longest script
+    with env.EnvPool(2, world_root, max_interactions=20, exec_timeout=2, timeout=6) as p:
+        yield p
+
+
+def _play(pool, task_ids, scripts):
+    """Run one episode per task (a list of agent messages each), in waves over the pool's slots;
+    returns the final StepResult of each. A script that ends before `done` is padded with NO_CODE."""
+    finals = []
+    for start in range(0, len(task_ids), len(pool)):
+        ids, todo = task_ids[start:start + len(pool)], scripts[start:start + len(pool)]
+        slots = list(range(len(ids)))
+        pool.reset(slots, ids)
+        last, turn = [None] * len(ids), 0
+        while any(r is None or not r.done for r in last):
+            live = [s for s in slots if last[s] is None or not last[s].done]
+            texts = [todo[s][turn] if turn < len(todo[s]) else NO_CODE for s in live]
+            for s, result in zip(live, pool.step(live, texts)):
+                last[s] = result
+            turn += 1
+        finals += last
+    return finals
+
+
+def _answer(root, task_id):
+    with open(os.path.join(root, "data", "tasks", task_id, "ground_truth", "answer.json")) as file:
+        return json.load(file)
+
+
+def test_env_mini_world_has_enough_tasks_apps_and_a_held_out_dev_split(world_root):
+    train, dev = env.load_task_ids("train"), env.load_task_ids("dev")
+    assert len(train) >= 12 and len(dev) >= 6 and len(train + dev) == 3 * len(SCENARIOS)
+    assert {t.rsplit("_", 1)[0] for t in train}.isdisjoint(t.rsplit("_", 1)[0] for t in dev)
+    apps = {app for s in SCENARIOS for app in s.apps} - {"supervisor"}
+    assert len(apps) >= 4 and {s.difficulty for s in SCENARIOS} == {1, 2, 3}
+    easy = env.load_task_ids("train", difficulties=(1,))
+    assert len(easy) >= 6 and set(easy) < set(env.load_task_ids("train", difficulties=(1, 2)))
+    assert env.load_task_ids("test_normal") == dev
+    for task_id in train + dev:  # scripted turns: short messages with one python block each
+        turns = env.solution(task_id)
+        assert 1 <= len(turns) <= 4 and all(t.count("```python") == 1 for t in turns)
+    with pytest.raises(ValueError, match="Unknown split"):
+        env.load_task_ids("validation")
+    with pytest.raises(FileNotFoundError, match="test_challenge.txt"):
+        env.load_task_ids("test_challenge")
+
+
+def test_env_setup_is_idempotent_and_fast_the_second_time(world_root):
+    start = time.time()
+    env.setup_mini_world()
+    assert time.time() - start < 5
+
+
+def test_env_task_metrics_tgc_and_sgc():
+    m = env.task_metrics(["a_1", "a_2", "a_3", "b_1", "b_2", "b_3"], [True, True, True, True, False, True])
+    assert m == {"tgc": 5 / 6, "sgc": 0.5}
+    with pytest.raises(ValueError):
+        env.task_metrics(["a_1"], [])
+
+
+@pytest.mark.parametrize("scenario", [s.name for s in SCENARIOS])
+def test_env_scripted_solution_succeeds_and_noop_and_wrong_answer_do_not(pool, scenario):
+    """AppWorld's own evaluation decides: solution -> reward 1; doing nothing or answering wrong -> < 1."""
+    ids = [f"{scenario}_{n}" for n in (1, 2, 3)]
+    wrong = '```python\napis.supervisor.complete_task(answer="not the answer")\n```'
+    results = _play(pool, ids * 3, [env.solution(t) for t in ids] + [[]] * 3 + [[wrong]] * 3)
+    for task_id, r in zip(ids, results[:3]):
+        assert (r.reward, r.success, r.pass_count) == (1.0, True, r.num_tests), (task_id, r)
+    for task_id, r in zip(ids * 2, results[3:]):
+        assert r.done and r.reward < 1 and not r.success and r.num_tests >= 2, (task_id, r)
+
+
+def test_env_reward_modes_fraction_binary_progress(pool):
+    """A no-op passes the "nothing else changed" test: fraction 1/2, but progress and binary 0."""
+    rewards = {}
+    for mode in env.REWARDS:
+        pool.reward = mode
+        try:
+            rewards[mode] = [r.reward for r in _play(pool, ["birthday_1", "homecity_1"], [[], []])]
+        finally:
+            pool.reward = "fraction"
+    assert rewards == {"fraction": [0.5, 0.5], "binary": [0.0, 0.0], "progress": [0.0, 0.0]}
+
+
+def test_env_prompt_never_contains_the_ground_truth_answer(pool, world_root):
+    ids = env.load_task_ids("train") + env.load_task_ids("dev")
+    for start in range(0, len(ids), 2):
+        batch = ids[start:start + 2]
+        for task_id, messages in zip(batch, pool.reset(list(range(len(batch))), batch)):
+            assert [m["role"] for m in messages] == ["system", "user"]
+            answer = _answer(world_root, task_id)
+            if answer is None:  # an action task: its checks are not in the prompt either
+                continue
+            with open(os.path.join(world_root, "data", "tasks", task_id, "specs.json")) as file:
+                short = env.opening_messages(json.load(file), "short")
+            for prompt in (messages, short):
+                text = " ".join(m["content"] for m in prompt)
+                task_part = text[text.index("Date and time:"):]
+                # the answer is nowhere in the task's own part; a long answer nowhere at all (the
+                # shared instructions and demo hold small numbers like 0 or 20, the same for every task)
+                assert not re.search(rf"(?<![\w.]){re.escape(str(answer))}(?![\w.])", task_part), task_id
+                assert len(str(answer)) < 3 or str(answer) not in text, task_id
+
+
+def test_env_bad_inputs_get_clear_observations_and_the_episode_goes_on(pool, world_root):
+    pool.reset([0], ["birthday_1"])
+    pid = pool.worker_pid(0)
+    cases = [
+        (NO_CODE, "No ```python block"),
+        ("```python\nprint(1 +)\n```", "Syntax error"),
+        ("```python\n{}['missing']\n```", "KeyError"),
+        ("```python\nwhile True:\n    pass\n```", "timed out after 2 seconds"),
+        ("```python\nprint('x' * 10_000_000)\n```", "output truncated"),
+        ("```python\nimport os\n```", "not allowed: os"),
+        ("```python\nimport subprocess\n```", "not allowed: subprocess"),
+        ("```python\nprint(open('/etc/hostname').read())\n```", "not allowed: open"),
+        ("```python\nfrom pathlib import Path\nprint(Path('data/tasks').exists())\n```", "not allowed: pathlib"),
+        (f"```python\nprint(requester.request('x', '{world_root}/data/tasks/birthday_1/ground_truth/answer.json'))\n```",
+         "ground truth is not allowed"),
+        ("```python\nimport appworld\n```", "not allowed: appworld"),
+        ("```python\nprint(apis.__class__.__init__.__globals__)\n```", "is not allowed"),
+    ]
+    for text, expected in cases:
+        result = pool.step([0], [text])[0]
+        assert expected in result.observation and not result.done, (text, result.observation[:300])
+        assert "Your task: What is my date of birth?" in result.observation  # the reminder
+        assert len(result.observation) < 4 * 3000 + 500  # the 10 MB print arrived cut
+    assert pool.worker_pid(0) == pid  # AppWorld's own alarm stopped the loop: same worker
+    result = pool.step([0], env.solution("birthday_1"))[0]  # and the task can still be solved
+    assert result.done and result.reward == 1.0
+
+
+def test_env_observation_is_cut_at_max_obs_tokens_with_a_tokenizer(pool):
+    class CharTokenizer:  # one token per character: enough to see where the cut falls
+        def encode(self, text, add_special_tokens=False):
+            return [ord(c) for c in text]
+
+        def decode(self, ids):
+            return "".join(map(chr, ids))
+
+    pool.tokenizer, pool.max_obs_tokens = CharTokenizer(), 50
+    try:
+        pool.reset([0], ["birthday_1"])
+        observation = pool.step([0], ["```python\nprint('y' * 5000)\n```"])[0].observation
+    finally:
+        pool.tokenizer, pool.max_obs_tokens = None, 3000
+    assert observation.startswith("y" * 50 + "\n[... output truncated: 4951 more tokens")  # 5000 + "\n"
+
+
+def test_env_complete_task_twice_keeps_the_last_answer_and_ends_the_episode(pool, world_root):
+    right, wrong = _answer(world_root, "birthday_1"), "1900-01-01"
+    twice = f"```python\napis.supervisor.complete_task(answer='{wrong}')\napis.supervisor.complete_task(answer='{right}')\n```"
+    pool.reset([0], ["birthday_1"])
+    result = pool.step([0], [twice])[0]
+    assert result.done and result.success and "Execution successful" in result.observation
+    with pytest.raises(ValueError, match="no running episode"):
+        pool.step([0], [twice])
+
+
+def test_env_unknown_task_and_missing_data_give_clear_errors(pool, tmp_path):
+    with pytest.raises(ValueError, match=r"Unknown task id 'nosuchtask_1'.*train\.txt"):
+        pool.reset([0], ["nosuchtask_1"])
+    for call in (lambda: env.load_task_ids("train", root=str(tmp_path)),
+                 lambda: env.EnvPool(1, root=str(tmp_path))):
+        with pytest.raises(FileNotFoundError, match="appworld_env.py setup.*appworld download data"):
+            call()
+    with pytest.raises(ValueError, match="No slot 5"):
+        pool.reset([5], ["birthday_1"])
+
+
+def test_env_two_workers_on_the_same_task_keep_independent_state(pool):
+    pay = env.solution("venmopay_1")
+    other = pay[-1].replace("amount=14", "amount=99")
+    pool.reset([0, 1], ["venmopay_1", "venmopay_1"])
+    pool.step([0, 1], [pay[0], pay[0]])
+    good, bad = pool.step([0, 1], [pay[1], other])
+    assert (good.reward, good.success) == (1.0, True)
+    assert bad.done and not bad.success and bad.reward < 1
+    assert "The payment goes to the requested friend" in " ".join(bad.info["failures"])
+
+
+def test_env_parent_clock_runs_while_a_world_is_open(pool):
+    pool.reset([0], ["birthday_1"])
+    before = time.time()
+    time.sleep(0.3)
+    inside = pool.step([0], ["```python\nprint(DateTime.now().year)\n```"])[0].observation
+    assert inside.startswith("2023")  # the world's clock is frozen at the task's date...
+    assert time.time() - before >= 0.3 and time.localtime().tm_year > 2023  # ...ours is not
+
+
+def test_env_a_worker_killed_mid_episode_is_replaced(pool):
+    pool.reset([0, 1], ["birthday_1", "homecity_1"])
+    os.kill(pool.worker_pid(0), signal.SIGKILL)
+    dead, alive = pool.step([0, 1], ["```python\nprint(1)\n```"] * 2)
+    assert dead.done and dead.reward == 0.0 and dead.info["env_failed"] and "died" in dead.info["error"]
+    assert not alive.done and alive.observation.startswith("1")  # the other episode is untouched
+    assert _play(pool, ["notecount_1"], [env.solution("notecount_1")])[0].reward == 1.0
+
+
+def test_env_a_hang_that_the_alarm_cannot_stop_is_killed_after_the_deadline(pool):
+    pool.reset([0], ["birthday_1"])
+    pid, start = pool.worker_pid(0), time.time()
+    result = pool.step([0], ["```python\nx = sum(range(10**13))\n```"])[0]  # one long C call
+    assert result.done and result.reward == 0.0 and result.info["env_failed"]
+    assert "did not answer" in result.info["error"] and time.time() - start < 20
+    assert pool.worker_pid(0) != pid
+    assert _play(pool, ["birthday_2"], [env.solution("birthday_2")])[0].reward == 1.0
+
+
+def test_env_workers_are_recycled_after_some_episodes(pool):
+    pool.reset([1], ["birthday_1"])
+    pid = pool.worker_pid(1)
+    pool.recycle_after = 1  # slot 1 has served its one episode: a fresh worker takes the next
+    try:
+        pool.reset([1], ["birthday_2"])
+    finally:
+        pool.recycle_after = 200
+    assert pool.worker_pid(1) != pid
+    assert pool.step([1], env.solution("birthday_2"))[0].reward == 1.0
 
 
 # ===================================================================== model.py and rollout.py
