@@ -69,6 +69,13 @@ def load_task_ids(split: str, root: str = DEFAULT_ROOT, difficulties=None) -> li
     return task_ids
 
 
+def is_mini_world(root: str = DEFAULT_ROOT) -> bool:
+    """True if `root` holds the mini-world or no data yet (so `setup_mini_world` may build it there);
+    False if it holds other data, such as the real AppWorld download."""
+    data = os.path.join(root, "data")
+    return os.path.exists(os.path.join(data, "mini_world.json")) or not (os.path.isdir(data) and os.listdir(data))
+
+
 def _metadata(root: str, task_id: str) -> dict:
     with open(os.path.join(root, "data", "tasks", task_id, "ground_truth", "metadata.json")) as file:
         return json.load(file)
@@ -228,10 +235,10 @@ def extract_code(text: str) -> str | None:
 # AppWorld's own guard blocks open(), subprocess, os.system, ... but allows `import os`, `pathlib`
 # (Path.read_text) and `import appworld`, any of which can read the ground truth on disk. This is an
 # extra syntactic check of ours, not a sandbox: enough to keep a policy from stumbling on the answer.
-BLOCKED_MODULES = {"os", "sys", "pathlib", "appworld", "importlib", "io", "shutil", "glob", "inspect",
-                   "gc", "ctypes", "builtins", "subprocess", "socket", "pickle", "marshal"}
-BLOCKED_NAMES = {"__import__", "eval", "exec", "compile", "globals", "locals", "vars", "open",
-                 "breakpoint", "getattr", "setattr", "delattr"}
+# (What AppWorld already blocks, like open() or subprocess, is left to its guard and its messages.)
+BLOCKED_MODULES = {"os", "sys", "pathlib", "appworld", "importlib", "io", "shutil", "inspect", "gc",
+                   "ctypes", "builtins", "socket", "marshal"}
+BLOCKED_NAMES = {"__import__", "eval", "exec", "compile", "globals", "locals", "vars"}
 
 
 def guard(code: str) -> str | None:
@@ -254,8 +261,10 @@ def guard(code: str) -> str | None:
             return f"Execution failed. Traceback:\nUsage of the following module is not allowed: {bad[0]}."
         if isinstance(node, ast.Name) and node.id in BLOCKED_NAMES:
             return f"Execution failed. Traceback:\nUsage of the following function is not allowed: {node.id}."
-        if isinstance(node, ast.Attribute) and node.attr.startswith("__"):
-            return f"Execution failed. Traceback:\nAccess to the attribute {node.attr} is not allowed."
+        dunder = (node.attr if isinstance(node, ast.Attribute) else
+                  node.value if isinstance(node, ast.Constant) and isinstance(node.value, str) else "")
+        if "__" in dunder:  # obj.__class__..., getattr(obj, "__globals__"): the ways out of the shell
+            return f"Execution failed. Traceback:\nAccess to {dunder[:40]!r} is not allowed."
     return None
 
 
@@ -352,7 +361,7 @@ class EnvPool:
 
     def __init__(self, size: int, root: str = DEFAULT_ROOT, *, max_interactions: int = 40,
                  reward: str = "fraction", prompt: str = "full", tokenizer=None, max_obs_tokens: int = 3000,
-                 timeout: float = 120.0, exec_timeout: int = 60, recycle_after: int = 200):
+                 timeout: float = 120.0, exec_timeout: int = 60, recycle_after: int = 100):
         if size < 1:
             raise ValueError("EnvPool needs at least one worker.")
         if reward not in REWARDS:
@@ -494,7 +503,10 @@ class EnvPool:
                                            info={"env_failed": True, "error": why})
                 continue
             output = reply.get("output", "No ```python block found in your message.")
-            result = StepResult(self._observation(output, episode), done="evaluation" in reply)
+            done = "evaluation" in reply
+            if done and not reply.get("completed"):
+                output += f"\n[Interaction limit ({self.max_interactions}) reached: the task is scored as it stands.]"
+            result = StepResult(self._observation(output, episode), done=done)
             if result.done:
                 episode.done = True
                 self._score(result, reply["evaluation"], reply.get("completed", False))
@@ -571,7 +583,7 @@ def setup_mini_world(root: str = DEFAULT_ROOT, force: bool = False) -> None:
             with open(stamp) as file:
                 if json.load(file).get("fingerprint") == fingerprint and not force:
                     return
-        elif os.path.isdir(os.path.join(root, "data")) and os.listdir(os.path.join(root, "data")):
+        elif not is_mini_world(root):
             raise RuntimeError(f"{root}/data holds data that is not the mini-world (the real AppWorld "
                                "data?); refusing to overwrite it. Use another --root.")
         staging = os.path.join(root, ".building")

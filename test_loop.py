@@ -357,12 +357,13 @@ def test_env_bad_inputs_get_clear_observations_and_the_episode_goes_on(pool, wor
         ("```python\nprint('x' * 10_000_000)\n```", "output truncated"),
         ("```python\nimport os\n```", "not allowed: os"),
         ("```python\nimport subprocess\n```", "not allowed: subprocess"),
-        ("```python\nprint(open('/etc/hostname').read())\n```", "not allowed: open"),
+        ("```python\nprint(open('/etc/hostname').read())\n```", "not allowed: builtins.open"),
         ("```python\nfrom pathlib import Path\nprint(Path('data/tasks').exists())\n```", "not allowed: pathlib"),
         (f"```python\nprint(requester.request('x', '{world_root}/data/tasks/birthday_1/ground_truth/answer.json'))\n```",
          "ground truth is not allowed"),
         ("```python\nimport appworld\n```", "not allowed: appworld"),
         ("```python\nprint(apis.__class__.__init__.__globals__)\n```", "is not allowed"),
+        ("```python\nprint(getattr(apis, '__dict__'))\n```", "is not allowed"),
     ]
     for text, expected in cases:
         result = pool.step([0], [text])[0]
@@ -410,6 +411,11 @@ def test_env_unknown_task_and_missing_data_give_clear_errors(pool, tmp_path):
             call()
     with pytest.raises(ValueError, match="No slot 5"):
         pool.reset([5], ["birthday_1"])
+    assert env.is_mini_world(str(tmp_path)) and env.is_mini_world()
+    (tmp_path / "data" / "tasks").mkdir(parents=True)  # someone else's data, e.g. the real download
+    assert not env.is_mini_world(str(tmp_path))
+    with pytest.raises(RuntimeError, match="refusing to overwrite"):
+        env.setup_mini_world(str(tmp_path))
 
 
 def test_env_two_workers_on_the_same_task_keep_independent_state(pool):
@@ -454,11 +460,11 @@ def test_env_a_hang_that_the_alarm_cannot_stop_is_killed_after_the_deadline(pool
 def test_env_workers_are_recycled_after_some_episodes(pool):
     pool.reset([1], ["birthday_1"])
     pid = pool.worker_pid(1)
-    pool.recycle_after = 1  # slot 1 has served its one episode: a fresh worker takes the next
-    try:
+    quota, pool.recycle_after = pool.recycle_after, 1  # slot 1 has served its episode: a fresh worker
+    try:                                                 # takes the next one
         pool.reset([1], ["birthday_2"])
     finally:
-        pool.recycle_after = 200
+        pool.recycle_after = quota
     assert pool.worker_pid(1) != pid
     assert pool.step([1], env.solution("birthday_2"))[0].reward == 1.0
 
