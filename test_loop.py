@@ -798,6 +798,9 @@ def test_rollout_collate_aligns_masks_with_token_logprobs():
     assert batch.turn_ids.tolist() == [[0, 0, -1], [0, -1, -1]]
     assert batch.sampler_logprobs.tolist() == [[-1.0, -2.0, 0.0], [-3.0, 0.0, 0.0]]
     assert batch.rewards.tolist() == [1.0, 0.0]
+    micro = batch.select([1])  # a micro-batch drops the columns that are padding in all its rows
+    assert micro.input_ids.tolist() == [[1, 7]] and micro.agent_mask.tolist() == [[True]]
+    assert micro.sampler_logprobs.tolist() == [[-3.0]] and micro.rewards.tolist() == [0.0]
 
 
 def test_rollout_on_the_mini_world_keeps_exact_tokens_and_scores():
@@ -824,20 +827,26 @@ def test_rollout_on_the_mini_world_keeps_exact_tokens_and_scores():
 
 
 def _fsdp_rollout_worker():
-    """Run by each of 2 processes under torchrun: a sharded tiny model with LoRA collects unequal
-    numbers of episodes per rank (rank 0: 5 in waves over 2 slots, rank 1: 1), rescoring and a
-    backward pass still agree with the sampler, then a merged checkpoint is saved on rank 0."""
+    """Run by each of 2 processes under torchrun. A sharded tiny model with LoRA collects unequal
+    numbers of episodes per rank (rank 0: 6 in waves over 2 slots, rank 1: 1, so rank 1 samples
+    dummy batches while rank 0 works); rescoring agrees with the sampler; the exported checkpoint is
+    the merged model; and full fine-tuning gradients under FSDP equal the unsharded ones."""
+    import copy
     import datetime
-    import tempfile
 
     import torch.distributed as dist
+    from transformers import AutoModelForCausalLM
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
     rank = dist.get_rank()
     m, tok = _tiny(seed=0)  # the same initial weights on both ranks
-    _eos_happy(m)
     model.add_lora(m, r=4, alpha=8)
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if ".lora_B" in n:
+                p.normal_(0, 0.1, generator=torch.Generator().manual_seed(len(n)))
+    reference = copy.deepcopy(m)  # unsharded
     m = model.shard(m)
     assert type(m).__name__.startswith("FSDP")
     tasks, k, turns = (["a", "b", "c"], 2, 3) if rank == 0 else (["d"], 1, 1)
@@ -847,15 +856,32 @@ def _fsdp_rollout_worker():
     lp = model.token_logprobs(m, batch.input_ids, batch.attention_mask)  # (B, T-1)
     torch.testing.assert_close(lp[batch.agent_mask], batch.sampler_logprobs[batch.agent_mask], atol=1e-4, rtol=0)
     lp[batch.agent_mask].sum().backward()
-    path = os.path.join(tempfile.gettempdir(), "loop_fsdp_export")
-    model.save(m, tok, path)
+
+    path = os.environ["LOOP_TEST_EXPORT"]
+    model.save(m, tok, path)  # a collective: both ranks call it, rank 0 writes
     dist.barrier()
+    if rank == 0:
+        model.merge_lora(reference)
+        reloaded = AutoModelForCausalLM.from_pretrained(path)
+        with torch.no_grad():
+            want = reference(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+            got = reloaded(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+    full, _ = _tiny(seed=0)
+    unsharded = copy.deepcopy(full)
+    full = model.shard(full)
+    ids, mask = _padded_batch()
+    model.token_logprobs(full, ids, mask).sum().backward()  # same batch on both ranks: FSDP's mean is it
+    model.token_logprobs(unsharded, ids, mask).sum().backward()
+    for (n, p), q in zip(full.named_parameters(), unsharded.parameters()):
+        assert (p.grad.full_tensor() - q.grad).abs().max() <= 1e-4 * q.grad.abs().max() + 1e-7, n
     print(f"rank {rank} ok {len(eps)} episodes", flush=True)
     dist.destroy_process_group()
 
 
-def test_rollout_two_fsdp_ranks_with_unequal_work_both_finish():
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+def test_rollout_two_fsdp_ranks_with_unequal_work_both_finish(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "LOOP_TEST_EXPORT": str(tmp_path / "export")}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
            __file__, "fsdp-rollout-worker"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env,

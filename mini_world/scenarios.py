@@ -1,4 +1,4 @@
-"""The mini-world's tasks: 14 scenarios x 3 variants = 42 tasks, in AppWorld's sense of the words.
+"""The mini-world's tasks: 16 scenarios x 3 variants = 48 tasks, in AppWorld's sense of the words.
 
 A scenario is one task template (an instruction with blanks, a check, a scripted solution); its three
 tasks `<name>_1.._3` fill the blanks differently (another supervisor, another song, ...), as AppWorld's
@@ -19,7 +19,7 @@ combinations), so dev success measures generalisation, not memorisation.
 from dataclasses import dataclass
 from typing import Callable
 
-from mini_world.world import NOTES, PEOPLE, LIBRARY, PROJECTS, SONGS, TODO_DONE, VENMO_BALANCE, ARTISTS
+from mini_world.world import ARTISTS, LIBRARY, LIKES, NOTES, PEOPLE, PROJECTS, SONGS, TODO_DONE, VENMO_BALANCE
 
 
 @dataclass
@@ -133,6 +133,40 @@ while True:
     songs += batch
     page += 1
 apis.supervisor.complete_task(answer=len(songs))
+```'''],
+    ),
+    Scenario(
+        name="likedcount", split="train", difficulty=1, apps=("spotify",),
+        instruction="How many songs have I liked on Spotify?",
+        variants=[dict(supervisor=3), dict(supervisor=4), dict(supervisor=5)],
+        answer=lambda v: len(LIKES[v["supervisor"]]),
+        evaluation=ANSWER_EVALUATION,
+        solution=[login("spotify", "Spotify"), '''Now count the songs I liked, page by page.
+```python
+liked = []
+page = 0
+while True:
+    batch = apis.spotify.show_liked_songs(access_token=spotify_token, page_index=page, page_limit=20)
+    if not batch:
+        break
+    liked += batch
+    page += 1
+apis.supervisor.complete_task(answer=len(liked))
+```'''],
+    ),
+    Scenario(
+        name="contactphone", split="train", difficulty=1, apps=("phone",),
+        instruction="What is the phone number of my contact $contact?",
+        variants=[dict(supervisor=0, contact="Jonas Berg"), dict(supervisor=1, contact="Priya Nair"),
+                  dict(supervisor=2, contact="Tomas Reyes")],
+        answer=lambda v: next(p["phone_number"] for p in PEOPLE
+                              if p["first_name"] + " " + p["last_name"] == v["contact"]),
+        evaluation=ANSWER_EVALUATION,
+        solution=[login("phone", "phone", username="$phone_number"), '''Look the contact up.
+```python
+contacts = apis.phone.search_contacts(access_token=phone_token, query="$contact", page_limit=20)
+contact = [c for c in contacts if c["first_name"] + " " + c["last_name"] == "$contact"][0]
+apis.supervisor.complete_task(answer=contact["phone_number"])
 ```'''],
     ),
     Scenario(
