@@ -331,6 +331,25 @@ def _worker_main(conn, root: str, name: str, exec_timeout: int, max_raw_chars: i
 
 # ===================================================================================== the pool
 
+def _start_without_main(process) -> None:
+    """Start a spawned process without re-running the parent's main script in it.
+
+    Spawn normally re-imports the main module in the child; under train.py that means torch and
+    transformers in every AppWorld worker (measured: 720 MB instead of ~270 MB, and a first reset of
+    18 s instead of 5). Our targets live in this module, so the child never needs the main module:
+    hide it while the child's start-up data is taken.
+    """
+    main = sys.modules["__main__"]
+    saved = {name: main.__dict__[name] for name in ("__file__", "__spec__") if name in main.__dict__}
+    main.__dict__.pop("__file__", None)
+    main.__spec__ = None
+    try:
+        process.start()
+    finally:
+        main.__dict__.pop("__spec__", None)
+        main.__dict__.update(saved)
+
+
 @dataclass
 class StepResult:
     observation: str  # the text for the next user message (output, truncated, plus a task reminder)
@@ -392,7 +411,7 @@ class EnvPool:
         name = f"envpool-{os.getpid()}-{id(self)}-{self._started}"
         process = self._ctx.Process(target=_worker_main, daemon=True,
                                     args=(child_conn, self.root, name, self.exec_timeout, self.max_raw_chars))
-        process.start()
+        _start_without_main(process)
         child_conn.close()
         return {"process": process, "conn": parent_conn, "episodes": 0, "name": name}
 
@@ -589,7 +608,7 @@ def setup_mini_world(root: str = DEFAULT_ROOT, force: bool = False) -> None:
         staging = os.path.join(root, ".building")
         shutil.rmtree(staging, ignore_errors=True)
         process = mp.get_context("spawn").Process(target=_build_world_and_exit, args=(staging, fingerprint))
-        process.start()
+        _start_without_main(process)
         process.join()
         if process.exitcode != 0:
             raise RuntimeError(f"Building the mini-world failed (exit code {process.exitcode}); see above.")
