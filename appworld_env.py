@@ -35,7 +35,7 @@ REPO = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_ROOT = os.environ.get("APPWORLD_ROOT") or os.path.join(REPO, "appworld_root")
 SPLITS = ("train", "dev", "test_normal", "test_challenge")
 REWARDS = ("fraction", "binary", "progress")
-BUILD_VERSION = 1  # bump when the builder below changes what it writes (the cache key includes it)
+BUILD_VERSION = 2  # bump when the builder below changes what it writes (the cache key includes it)
 
 
 # ============================================================================ task lists, metrics
@@ -389,6 +389,7 @@ class EnvPool:
             raise ValueError(f"Unknown prompt {prompt!r}; expected 'full' or 'short'.")
         if not os.path.isdir(os.path.join(root, "data", "tasks")):
             raise _missing_data_error(root)
+        ensure_appworld_installed()
         self.root = os.path.abspath(root)
         self.max_interactions, self.reward, self.prompt = max_interactions, reward, prompt
         self.tokenizer, self.max_obs_tokens = tokenizer, max_obs_tokens
@@ -572,6 +573,17 @@ class EnvPool:
 
 # ============================================================================ the mini-world build
 
+def ensure_appworld_installed() -> None:
+    """Run `appworld install` if it has not run: it decrypts the apps' code shipped in the wheel
+    (offline, ~3 s). In a subprocess, so that this process never imports appworld."""
+    import importlib.util
+    import subprocess
+    package = os.path.dirname(importlib.util.find_spec("appworld").origin)
+    if not os.path.isdir(os.path.join(package, "apps", "spotify")):
+        subprocess.run([sys.executable, "-c", "from appworld.install import install_package; install_package()"],
+                       check=True)
+
+
 def _fingerprint() -> str:
     """Cache key of the built world: our task definitions, the builder version, appworld's version."""
     digest = hashlib.sha256(f"build {BUILD_VERSION}".encode())
@@ -594,6 +606,7 @@ def setup_mini_world(root: str = DEFAULT_ROOT, force: bool = False) -> None:
     import fcntl
     root = os.path.abspath(root)
     os.makedirs(root, exist_ok=True)
+    ensure_appworld_installed()
     stamp = os.path.join(root, "data", "mini_world.json")
     fingerprint = _fingerprint()
     with open(os.path.join(root, ".mini_world.lock"), "w") as lock:
@@ -635,10 +648,6 @@ def _build_world(root: str, fingerprint: str) -> None:
     """In a child process: API docs, base databases, tasks, splits, then labels from no-op episodes."""
     started = time.time()
     os.environ["APPWORLD_ROOT"] = root
-    import appworld
-    if not os.path.isdir(os.path.join(os.path.dirname(appworld.__file__), "apps", "spotify")):
-        from appworld.install import install_package  # `appworld install`: decrypt the apps' code
-        install_package()
     from appworld.api_docs import prepare_api_docs
     from appworld.apps import get_all_apps
     from appworld.apps.api_lib import save_local_dbs, set_local_date_and_time, set_local_dbs, unset_local_date_and_time
