@@ -247,12 +247,13 @@ def shard(model, *, mixed_precision=False):
 
 
 def _chunk_logprobs(head, hidden, targets, temperature):
-    """log softmax(head(hidden) / T)[target] for N positions, with (N, V) logits alive only here."""
+    """log softmax(head(hidden) / T)[target] for N positions, with (N, V) logits alive only here.
+    (log_softmax + gather: its fused backward peaks at ~3 (N, V) buffers, gather - logsumexp at ~4.)"""
     logits = head(hidden).float() / temperature  # (N, V)
-    return logits.gather(-1, targets[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)  # (N,)
+    return torch.log_softmax(logits, dim=-1).gather(-1, targets[:, None]).squeeze(-1)  # (N,)
 
 
-def _token_logprobs(model, input_ids, attention_mask, temperature=1.0, chunk_size=1024):
+def _token_logprobs(model, input_ids, attention_mask, temperature=1.0, chunk_size=512):
     B, T = input_ids.shape
     # Positions from the mask, so left- and right-padded batches give the same numbers as unpadded.
     position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, T)
@@ -277,7 +278,7 @@ def _token_logprobs(model, input_ids, attention_mask, temperature=1.0, chunk_siz
     return out.masked_scatter(valid, torch.cat(pieces)) if pieces else out
 
 
-def token_logprobs(model, input_ids, attention_mask, temperature=1.0, chunk_size=1024):
+def token_logprobs(model, input_ids, attention_mask, temperature=1.0, chunk_size=512):
     """log p(x_{t+1} | x_<=t) at temperature T for every position: (B, T) ids -> (B, T-1) float32.
 
     Runs the transformer trunk once, then the LM head and the log-softmax over `chunk_size`
@@ -337,7 +338,11 @@ def save(model, tokenizer, path):
     # A fresh, unwrapped model of the same config, so the saved names and classes are HF's own.
     with torch.device("meta"):
         plain = AutoModelForCausalLM.from_config(model.config)
-    plain.load_state_dict(state, strict=False, assign=True)
+    result = plain.load_state_dict(state, strict=False, assign=True)
+    tied = set(getattr(plain, "_tied_weights_keys", None) or ()) if model.config.tie_word_embeddings else set()
+    if result.unexpected_keys or set(result.missing_keys) - tied:
+        raise ValueError(f"save: weights the base architecture does not have {result.unexpected_keys[:5]} "
+                         f"or lacks {sorted(set(result.missing_keys) - tied)[:5]}")
     plain.tie_weights()
     plain.save_pretrained(path)
     tokenizer.save_pretrained(path)

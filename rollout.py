@@ -74,6 +74,13 @@ class Batch:
     def to(self, device):
         return Batch(*(getattr(self, f).to(device) for f in self.__dataclass_fields__))
 
+    def select(self, rows):
+        """The given rows (a micro-batch), with the columns that are padding in all of them cut."""
+        rows = torch.as_tensor(rows, dtype=torch.long)
+        T = int(self.attention_mask[rows].sum(-1).max())
+        return Batch(self.input_ids[rows, :T], self.attention_mask[rows, :T], self.agent_mask[rows, : T - 1],
+                     self.turn_ids[rows, : T - 1], self.sampler_logprobs[rows, : T - 1], self.rewards[rows])
+
 
 def collate(episodes, pad_id):
     """Pad episodes on the right into a Batch (right padding: positions are then 0..len-1)."""
@@ -213,10 +220,15 @@ def collect(model, tokenizer, envs, task_ids, k, *, temperature=1.0, greedy=Fals
     rank0 = not synced or dist.get_rank() == 0
     bar = tqdm(total=len(episodes), desc="rollouts", disable=not (progress and rank0), dynamic_ncols=True)
 
+    rewards = []
+
     def finish(slot, reason):
-        episodes[live.pop(slot)].end_reason = reason
+        e = episodes[live.pop(slot)]
+        e.end_reason = reason
+        rewards.append(e.reward)
         free.append(slot)
         bar.update(1)
+        bar.set_postfix(reward=f"{sum(rewards) / len(rewards):.3f}", refresh=False)
 
     while True:
         # Start pending episodes in free slots (one batched reset).
