@@ -63,6 +63,22 @@ def login(app: str, label: str, username: str = "$email") -> str:
     return LOGIN.format(app=app, label=label, username=username)
 
 
+def count_pages(intro: str, items: str, call: str) -> str:
+    """A cell that reads every page of a paginated API and answers with the number of items."""
+    return f'''{intro}
+```python
+{items} = []
+page = 0
+while True:
+    batch = {call}, page_index=page, page_limit=20)
+    if not batch:
+        break
+    {items} += batch
+    page += 1
+apis.supervisor.complete_task(answer=len({items}))
+```'''
+
+
 def song_ids_by_artist(person: int, artist: str) -> list[int]:
     """Database ids (1-based, in SONGS order) of the person's library songs by an artist."""
     artist_index = [a[0] for a in ARTISTS].index(artist)
@@ -103,18 +119,9 @@ apis.supervisor.complete_task(answer=home["city"])
         variants=[dict(supervisor=0), dict(supervisor=1), dict(supervisor=2)],
         answer=lambda v: len(NOTES[v["supervisor"]]),
         evaluation=ANSWER_EVALUATION,
-        solution=[login("simple_note", "Simple Note"), '''Now count the notes, page by page.
-```python
-notes = []
-page = 0
-while True:
-    batch = apis.simple_note.search_notes(access_token=simple_note_token, page_index=page, page_limit=20)
-    if not batch:
-        break
-    notes += batch
-    page += 1
-apis.supervisor.complete_task(answer=len(notes))
-```'''],
+        solution=[login("simple_note", "Simple Note"),
+                  count_pages("Now count the notes, page by page.", "notes",
+                              "apis.simple_note.search_notes(access_token=simple_note_token")],
     ),
     Scenario(
         name="librarycount", split="train", difficulty=1, apps=("spotify",),
@@ -122,18 +129,9 @@ apis.supervisor.complete_task(answer=len(notes))
         variants=[dict(supervisor=3), dict(supervisor=4), dict(supervisor=5)],
         answer=lambda v: len(LIBRARY[v["supervisor"]]),
         evaluation=ANSWER_EVALUATION,
-        solution=[login("spotify", "Spotify"), '''Now count the songs in my library, page by page.
-```python
-songs = []
-page = 0
-while True:
-    batch = apis.spotify.show_song_library(access_token=spotify_token, page_index=page, page_limit=20)
-    if not batch:
-        break
-    songs += batch
-    page += 1
-apis.supervisor.complete_task(answer=len(songs))
-```'''],
+        solution=[login("spotify", "Spotify"),
+                  count_pages("Now count the songs in my library, page by page.", "songs",
+                              "apis.spotify.show_song_library(access_token=spotify_token")],
     ),
     Scenario(
         name="likedcount", split="train", difficulty=1, apps=("spotify",),
@@ -141,18 +139,9 @@ apis.supervisor.complete_task(answer=len(songs))
         variants=[dict(supervisor=3), dict(supervisor=4), dict(supervisor=5)],
         answer=lambda v: len(LIKES[v["supervisor"]]),
         evaluation=ANSWER_EVALUATION,
-        solution=[login("spotify", "Spotify"), '''Now count the songs I liked, page by page.
-```python
-liked = []
-page = 0
-while True:
-    batch = apis.spotify.show_liked_songs(access_token=spotify_token, page_index=page, page_limit=20)
-    if not batch:
-        break
-    liked += batch
-    page += 1
-apis.supervisor.complete_task(answer=len(liked))
-```'''],
+        solution=[login("spotify", "Spotify"),
+                  count_pages("Now count the songs I liked, page by page.", "liked",
+                              "apis.spotify.show_liked_songs(access_token=spotify_token")],
     ),
     Scenario(
         name="contactphone", split="train", difficulty=1, apps=("phone",),
