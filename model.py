@@ -14,6 +14,7 @@ about that object and nothing about AppWorld or advantages:
 
 Resuming needs only the trainable weights: `trainable_state_dict` / `load_trainable_state_dict`.
 """
+import contextlib
 import importlib.util
 import math
 import os
@@ -241,6 +242,28 @@ def shard(model, *, mixed_precision=False):
     register_fsdp_forward_method(model, "_loop_token_logprobs")
     register_fsdp_forward_method(model, "generate")
     return model
+
+
+@contextlib.contextmanager
+def gathered(model):
+    """Keep a sharded model's weights gathered for the duration (e.g. a sampling phase): each
+    FSDP unit all-gathers at its first forward and then stays whole, so the thousands of small
+    decode-step forwards do no collectives; on exit everything is sharded again. Costs one full
+    copy of the weights per rank while inside. A no-op for an unsharded model."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if not isinstance(model, FSDPModule):
+        yield model
+        return
+    model.set_reshard_after_forward(False)
+    try:
+        yield model
+    finally:
+        model.set_reshard_after_forward(True)
+        model.set_reshard_after_forward(False, recurse=False)  # FSDP's default for the root (kept for backward)
+        for module in model.modules():
+            if isinstance(module, FSDPModule):
+                module.reshard()
 
 
 # ------------------------------------------------------------------------------------- log-probs

@@ -25,12 +25,15 @@ Choices worth knowing:
   scores 0, never a silently truncated trajectory.
 - Greedy decoding records log-probs at temperature 1.
 """
+import contextlib
 from collections import deque
 from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
+
+from model import gathered
 
 END_REASONS = ("completed", "turn_limit", "context_limit", "env_failed")
 
@@ -198,7 +201,7 @@ def sample(model, prompts, budgets, *, eos_id, pad_id, temperature=1.0, greedy=F
 
 
 def collect(model, tokenizer, envs, task_ids, k, *, temperature=1.0, greedy=False, max_new_tokens=1500,
-            max_seq_len=32768, max_turns=None, progress=True):
+            max_seq_len=32768, max_turns=None, gather_weights=True, progress=True):
     """Run K episodes of each task and return them task-major (task 0 x k, task 1 x k, ...).
 
     `envs` has len(envs) worker slots, `reset(slots, task_ids) -> opening messages per slot` and
@@ -206,6 +209,8 @@ def collect(model, tokenizer, envs, task_ids, k, *, temperature=1.0, greedy=Fals
     are live at once; a pending episode starts as soon as a slot frees. Each round generates the
     next turn of every live episode in one batch, then steps all their environments together.
     `max_turns` (None: leave it to the environment) ends an episode with "turn_limit".
+    `gather_weights`: a sharded model keeps its full weights during the phase (model.gathered);
+    turn it off when one full copy does not fit on a device (then every step all-gathers).
     Under torch.distributed each rank collects its own tasks; ranks may hold different numbers of
     episodes and finish at different times (a rank with nothing live samples a dummy batch).
     """
@@ -230,63 +235,65 @@ def collect(model, tokenizer, envs, task_ids, k, *, temperature=1.0, greedy=Fals
         bar.update(1)
         bar.set_postfix(reward=f"{sum(rewards) / len(rewards):.3f}", refresh=False)
 
-    while True:
-        # Start pending episodes in free slots (one batched reset).
-        if pending and free:
-            slots = [free.pop(0) for _ in range(min(len(free), len(pending)))]
-            starting = [pending.popleft() for _ in slots]
-            opening = envs.reset(slots, [episodes[i].task_id for i in starting])
-            for slot, i, messages in zip(slots, starting, opening):
-                live[slot] = i
-                episodes[i].append(prompt_ids(tokenizer, messages))
-                if len(episodes[i].token_ids) >= max_seq_len:
-                    finish(slot, "context_limit")
-            continue  # slots freed just now are refilled before generating
-        if not (_anyone(bool(live)) if synced else live):
-            break
+    # Under FSDP, gather the weights once for the whole phase rather than per layer per token.
+    with gathered(model) if gather_weights else contextlib.nullcontext():
+        while True:
+            # Start pending episodes in free slots (one batched reset).
+            if pending and free:
+                slots = [free.pop(0) for _ in range(min(len(free), len(pending)))]
+                starting = [pending.popleft() for _ in slots]
+                opening = envs.reset(slots, [episodes[i].task_id for i in starting])
+                for slot, i, messages in zip(slots, starting, opening):
+                    live[slot] = i
+                    episodes[i].append(prompt_ids(tokenizer, messages))
+                    if len(episodes[i].token_ids) >= max_seq_len:
+                        finish(slot, "context_limit")
+                continue  # slots freed just now are refilled before generating
+            if not (_anyone(bool(live)) if synced else live):
+                break
 
-        # One turn for every live episode, in one batch.
-        slots = sorted(live)
-        eps = [episodes[live[s]] for s in slots]
-        budgets = [min(max_new_tokens, max_seq_len - len(e.token_ids)) for e in eps]
-        if eps:
-            new_ids, new_logprobs = sample(model, [e.token_ids for e in eps], budgets, eos_id=eos_id,
-                                           pad_id=pad_id, temperature=temperature, greedy=greedy)
-        else:  # nothing live here, but other ranks are sampling: take part in their collectives
-            sample(model, [[eos_id]], [1], eos_id=eos_id, pad_id=pad_id, temperature=temperature, greedy=greedy)
-            continue
+            # One turn for every live episode, in one batch.
+            slots = sorted(live)
+            eps = [episodes[live[s]] for s in slots]
+            budgets = [min(max_new_tokens, max_seq_len - len(e.token_ids)) for e in eps]
+            if eps:
+                new_ids, new_logprobs = sample(model, [e.token_ids for e in eps], budgets, eos_id=eos_id,
+                                               pad_id=pad_id, temperature=temperature, greedy=greedy)
+            else:  # nothing live here, but other ranks are sampling: take part in their collectives
+                sample(model, [[eos_id]], [1], eos_id=eos_id, pad_id=pad_id, temperature=temperature, greedy=greedy)
+                continue
 
-        to_step, texts = [], []
-        for slot, e, ids, lps, budget in zip(slots, eps, new_ids, new_logprobs, budgets):
-            e.append(ids, agent=True, logprobs=lps)
-            e.num_turns += 1
-            if ids[-1] != eos_id:
-                if budget < max_new_tokens or len(e.token_ids) + 1 > max_seq_len:
-                    finish(slot, "context_limit")  # cut by the context, not by max_new_tokens
-                    continue
-                e.append([eos_id])  # close the cut turn; not sampled, so not an agent token
-            to_step.append(slot)
-            texts.append(tokenizer.decode(ids, skip_special_tokens=True))
+            to_step, texts = [], []
+            for slot, e, ids, lps, budget in zip(slots, eps, new_ids, new_logprobs, budgets):
+                e.append(ids, agent=True, logprobs=lps)
+                e.num_turns += 1
+                if ids[-1] != eos_id:
+                    if budget < max_new_tokens or len(e.token_ids) + 1 > max_seq_len:
+                        finish(slot, "context_limit")  # cut by the context, not by max_new_tokens
+                        continue
+                    e.append([eos_id])  # close the cut turn; not sampled, so not an agent token
+                to_step.append(slot)
+                texts.append(tokenizer.decode(ids, skip_special_tokens=True))
 
-        # Step the environments of all episodes that produced a turn.
-        results = envs.step(to_step, texts) if to_step else []
-        for slot, r in zip(to_step, results):
-            e = episodes[live[slot]]
-            e.reward, e.success, e.pass_count, e.num_tests = float(r.reward), bool(r.success), r.pass_count, r.num_tests
-            e.info = dict(r.info or {})
-            if e.info.get("env_failed"):
-                finish(slot, "env_failed")
-            elif r.done:
-                # EnvPool evaluates at its interaction limit too; info["completed"] says whether the
-                # agent itself called complete_task.
-                finish(slot, "turn_limit" if e.info.get("completed") is False else "completed")
-            elif max_turns is not None and e.num_turns >= max_turns:
-                finish(slot, "turn_limit")
-            else:
-                obs = observation_ids(tokenizer, r.observation)
-                if len(e.token_ids) + len(obs) + 1 > max_seq_len:  # no room for the observation and a token
-                    finish(slot, "context_limit")
+            # Step the environments of all episodes that produced a turn.
+            results = envs.step(to_step, texts) if to_step else []
+            for slot, r in zip(to_step, results):
+                e = episodes[live[slot]]
+                e.reward, e.success, e.pass_count, e.num_tests = float(r.reward), bool(r.success), r.pass_count, r.num_tests
+                e.info = dict(r.info or {})
+                if e.info.get("env_failed"):
+                    finish(slot, "env_failed")
+                elif r.done:
+                    # EnvPool evaluates at its interaction limit too; info["completed"] says whether the
+                    # agent itself called complete_task.
+                    finish(slot, "turn_limit" if e.info.get("completed") is False else "completed")
+                elif max_turns is not None and e.num_turns >= max_turns:
+                    finish(slot, "turn_limit")
                 else:
-                    e.append(obs)
+                    obs = observation_ids(tokenizer, r.observation)
+                    if len(e.token_ids) + len(obs) + 1 > max_seq_len:  # no room for the observation and a token
+                        finish(slot, "context_limit")
+                    else:
+                        e.append(obs)
     bar.close()
     return episodes

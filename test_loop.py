@@ -852,6 +852,12 @@ def _fsdp_rollout_worker():
     tasks, k, turns = (["a", "b", "c"], 2, 3) if rank == 0 else (["d"], 1, 1)
     eps = _collect(m, tok, ToyEnvs(slots=2, turns=turns), tasks, k, max_new_tokens=5)
     assert len(eps) == len(tasks) * k and all(e.end_reason == "completed" for e in eps)
+    from torch.distributed.tensor import DTensor
+
+    assert all(isinstance(p, DTensor) for p in m.parameters())  # sharded again after the phase
+    # and without gathering the weights for the phase: every decode step all-gathers, ranks in step
+    more = _collect(m, tok, ToyEnvs(slots=2, turns=2), ["e"] if rank else ["e", "f"], 1, gather_weights=False)
+    assert all(e.end_reason == "completed" for e in more)
     batch = rollout.collate(eps, tok.pad_token_id)
     lp = model.token_logprobs(m, batch.input_ids, batch.attention_mask)  # (B, T-1)
     torch.testing.assert_close(lp[batch.agent_mask], batch.sampler_logprobs[batch.agent_mask], atol=1e-4, rtol=0)
