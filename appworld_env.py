@@ -222,7 +222,7 @@ def reminder(instruction: str) -> str:
 
 # ======================================================================== agent code, guard, output
 
-CODE_BLOCK = re.compile(r"```(?:python|py)[ \t]*\n(.*?)(?:```|\Z)", re.DOTALL)
+CODE_BLOCK = re.compile(r"```(?:python3?|py)\b[ \t]*\n?(.*?)(?:```|\Z)", re.DOTALL | re.IGNORECASE)
 
 
 def extract_code(text: str) -> str | None:
@@ -762,6 +762,7 @@ def _build_world(root: str, fingerprint: str) -> None:
             os.makedirs(truth, exist_ok=True)
             cells = solution(task_id)
             code = "\n".join(extract_code(c) for c in cells)
+            # AppWorld's statistics, here counted in the script's text (call sites, not calls made)
             metadata = {"mode": "minimal", "difficulty": scenario.difficulty, "num_apps": len(scenario.apps),
                         "num_apis": len(set(re.findall(r"apis\.\w+\.\w+", code))),
                         "num_api_calls": len(re.findall(r"apis\.\w+\.\w+\(", code)),

@@ -295,6 +295,12 @@ def test_env_setup_is_idempotent_and_fast_the_second_time(world_root):
     assert time.time() - start < 5
 
 
+def test_env_extract_code_joins_python_blocks_and_keeps_an_unclosed_last_one():
+    text = "First:\n```python\na = 1\n```\nthen\n```Python\nprint(a)\n```\n```\nnot python\n```\n```py\nb = 2"
+    assert env.extract_code(text) == "a = 1\n\nprint(a)\n\nb = 2"
+    assert env.extract_code("no code here") is None and env.extract_code("```python\n\n```") is None
+
+
 def test_env_task_metrics_tgc_and_sgc():
     m = env.task_metrics(["a_1", "a_2", "a_3", "b_1", "b_2", "b_3"], [True, True, True, True, False, True])
     assert m == {"tgc": 5 / 6, "sgc": 0.5}
