@@ -659,7 +659,7 @@ def _build_world(root: str, fingerprint: str) -> None:
 
     data = os.path.join(root, "data")
     apps = get_all_apps()  # with admin
-    models = {app: import_models_module(app) for app in apps}
+    M = {app: import_models_module(app) for app in apps}  # each app's SQL models, e.g. M["spotify"].Song
 
     def save_dbs(memory_path: str, to: str, format: str) -> None:
         save_local_dbs(from_db_home_path=memory_path, to_db_home_path=to, format=format,
@@ -677,7 +677,6 @@ def _build_world(root: str, fingerprint: str) -> None:
     # 2. the base world, with the apps' own models; the clock is frozen so timestamps are stable
     freezer = set_local_date_and_time(DEFAULT_SYSTEM_DATETIME)
     set_local_dbs(to_db_home_path=":memory:mini_base", app_names=apps, create=True)
-    M = {app: models[app] for app in apps}
     for docs in api_docs.values():  # the api_docs app answers from its own table
         for doc in docs:
             doc = dict(doc)
@@ -814,4 +813,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    # Run as the module `appworld_env`, not as `__main__`: spawned children start without the main
+    # module (see _start_without_main) and must find the functions they run by their module's name.
+    import appworld_env
+    appworld_env.main()

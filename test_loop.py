@@ -226,6 +226,8 @@ import json
 import os
 import re
 import signal
+import subprocess
+import sys
 import time
 
 import appworld_env as env
@@ -293,6 +295,9 @@ def test_env_setup_is_idempotent_and_fast_the_second_time(world_root):
     start = time.time()
     env.setup_mini_world()
     assert time.time() - start < 5
+    command = [sys.executable, os.path.join(env.REPO, "appworld_env.py"), "setup"]  # the same, by hand
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "mini-world ready" in done.stdout, done.stderr
 
 
 def test_env_extract_code_joins_python_blocks_and_keeps_an_unclosed_last_one():
