@@ -1,6 +1,7 @@
 """AppWorld as a multi-turn environment for LOOP, run in worker processes; and the offline mini-world.
 
     python appworld_env.py setup [--root DIR] [--force]   # build the mini-world (offline, ~30 s)
+    python appworld_env.py show likesong_1 [--prompt short]  # print an episode of a scripted solution
 
 Two settings, one code path (the real AppWorld engine, never a mock):
 - the mini-world (default): our own 48 tasks over invented people (`mini_world/`), written in
@@ -193,7 +194,7 @@ apis.supervisor.complete_task(answer=23)
 ```
 Output: Execution successful.'''
 
-SHORT_INSTRUCTIONS = '''Complete my task with Python. Reply with one ```python block each turn; `apis` gives my apps. Passwords: apis.supervisor.show_account_passwords(). Log in: apis.<app>.login(username=<my email>, password=...)["access_token"]. Finish with apis.supervisor.complete_task(answer=...) for a question, or apis.supervisor.complete_task() for an action.'''
+SHORT_INSTRUCTIONS = '''Complete my task with Python. Reply with one ```python block each turn; `apis` gives my apps. Passwords: apis.supervisor.show_account_passwords(). Log in: apis.<app>.login(username=<my email, or my phone number for the phone app>, password=...)["access_token"]. Finish with apis.supervisor.complete_task(answer=...) for a question, or apis.supervisor.complete_task() for an action.'''
 
 
 def task_block(info: dict) -> str:
@@ -801,15 +802,37 @@ def _build_world(root: str, fingerprint: str) -> None:
           f"{time.time() - started:.0f} s", flush=True)
 
 
+def show_episode(task_id: str, root: str = DEFAULT_ROOT, prompt: str = "full") -> None:
+    """Print a whole episode of a mini-world task played by its scripted solution: what the agent
+    sees, what it writes, and how AppWorld scores it."""
+    with EnvPool(1, root, prompt=prompt) as pool:
+        for message in pool.reset([0], [task_id])[0]:
+            print(f"----- {message['role']}\n{message['content']}")
+        for turn in solution(task_id, root):
+            result = pool.step([0], [turn])[0]
+            print(f"----- assistant\n{turn}\n----- user (observation)\n{result.observation}")
+            if result.done:
+                print(f"----- done: reward {result.reward}, success {result.success}, "
+                      f"{result.pass_count}/{result.num_tests} tests passed")
+                break
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     setup = commands.add_parser("setup", help="build the offline mini-world")
-    setup.add_argument("--root", default=DEFAULT_ROOT, help="AppWorld root; the world goes in ROOT/data")
     setup.add_argument("--force", action="store_true", help="rebuild even if already built")
+    show = commands.add_parser("show", help="print an episode of a task played by its scripted solution")
+    show.add_argument("task_id")
+    show.add_argument("--prompt", default="full", choices=("full", "short"))
+    for command in (setup, show):
+        command.add_argument("--root", default=DEFAULT_ROOT, help="AppWorld root (its data is in ROOT/data)")
     args = parser.parse_args()
-    setup_mini_world(args.root, force=args.force)
-    print(f"mini-world ready in {os.path.join(os.path.abspath(args.root), 'data')}")
+    if args.command == "setup":
+        setup_mini_world(args.root, force=args.force)
+        print(f"mini-world ready in {os.path.join(os.path.abspath(args.root), 'data')}")
+    else:
+        show_episode(args.task_id, args.root, args.prompt)
 
 
 if __name__ == "__main__":
