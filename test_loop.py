@@ -326,15 +326,22 @@ def test_env_scripted_solution_succeeds_and_noop_and_wrong_answer_do_not(pool, s
 
 
 def test_env_reward_modes_fraction_binary_progress(pool):
-    """A no-op passes the "nothing else changed" test: fraction 1/2, but progress and binary 0."""
+    """Doing nothing passes the "nothing else changed" tests: under the plain fraction a no-op earns
+    1/2 or 2/3; under progress (only the tests a no-op fails count) and binary it earns 0."""
     rewards = {}
     for mode in env.REWARDS:
         pool.reward = mode
         try:
-            rewards[mode] = [r.reward for r in _play(pool, ["birthday_1", "homecity_1"], [[], []])]
+            rewards[mode] = [r.reward for r in _play(pool, ["birthday_1", "likesong_1"], [[], []])]
         finally:
             pool.reward = "fraction"
-    assert rewards == {"fraction": [0.5, 0.5], "binary": [0.0, 0.0], "progress": [0.0, 0.0]}
+    assert rewards == {"fraction": [1 / 2, 2 / 3], "binary": [0.0, 0.0], "progress": [0.0, 0.0]}
+    # the song liked but complete_task never called: the interaction limit ends the episode, which
+    # is scored as it stands (in full here: these checks look at the databases, not the status)
+    login, like = env.solution("likesong_1")
+    result = _play(pool, ["likesong_1"], [[login, like.replace("apis.supervisor.complete_task()", "")]])[0]
+    assert result.reward == 1.0 and result.info["completed"] is False
+    assert "Interaction limit (20) reached" in result.observation
 
 
 def test_env_prompt_never_contains_the_ground_truth_answer(pool, world_root):
