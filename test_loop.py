@@ -4,6 +4,8 @@ Sections follow the modules: loop.py (the maths), appworld_env.py (the world), m
 rollout.py (one model that samples and learns), train.py (the whole loop). Everything runs on a CPU
 with no internet: a tiny random model with SmolLM2's tokenizer, and the offline AppWorld mini-world.
 """
+import dataclasses
+
 import torch
 
 torch.set_num_threads(1)  # with the other core busy, 2 threads slow torch down badly (DESIGN.md 6)
@@ -848,7 +850,8 @@ def _fsdp_rollout_worker():
     """Run by each of 2 processes under torchrun. A sharded tiny model with LoRA collects unequal
     numbers of episodes per rank (rank 0: 6 in waves over 2 slots, rank 1: 1, so rank 1 samples
     dummy batches while rank 0 works); rescoring agrees with the sampler; the exported checkpoint is
-    the merged model; and full fine-tuning gradients under FSDP equal the unsharded ones."""
+    the merged model; full fine-tuning gradients under FSDP equal the unsharded ones; and bfloat16
+    mixed precision gives float32 log-probs close to the float32 ones."""
     import copy
     import datetime
 
@@ -900,6 +903,12 @@ def _fsdp_rollout_worker():
     model.token_logprobs(unsharded, ids, mask).sum().backward()
     for (n, p), q in zip(full.named_parameters(), unsharded.parameters()):
         assert (p.grad.full_tensor() - q.grad).abs().max() <= 1e-4 * q.grad.abs().max() + 1e-7, n
+    mixed = model.shard(_tiny(seed=0)[0], mixed_precision=True)  # bfloat16 compute, float32 log-probs
+    with torch.no_grad():
+        lp_mixed = model.token_logprobs(mixed, ids, mask)  # (B, T-1)
+        lp_full = model.token_logprobs(unsharded, ids, mask)  # (B, T-1)
+    assert lp_mixed.dtype == torch.float32
+    assert ((lp_mixed - lp_full).abs() <= 0.03 * lp_full.abs().clamp(min=1)).all()
     print(f"rank {rank} ok {len(eps)} episodes", flush=True)
     dist.destroy_process_group()
 
@@ -921,3 +930,123 @@ if __name__ == "__main__" and sys.argv[1:] == ["fsdp-rollout-worker"]:
 
 
 # ===================================================================================== train.py
+
+import train
+from appworld_env import StepResult
+
+
+class CapitalLetterEnv:
+    """The EnvPool surface around a task that a tiny random model solves by chance: an episode
+    succeeds when the agent's one-token reply starts with a capital letter (~30% at the start).
+    Random embeddings share no "capital" direction, so the policy can only learn by moving
+    probability onto the capitalised tokens it sampled and was rewarded for: exactly LOOP's signal."""
+    max_interactions = 1
+
+    def __init__(self, slots):
+        self.slots = slots
+
+    def __len__(self):
+        return self.slots
+
+    def reset(self, slots, task_ids):
+        return [[{"role": "user", "content": f"Task {t}."}] for t in task_ids]
+
+    def step(self, slots, texts):
+        ok = [t.strip()[:1].isupper() for t in texts]
+        return [StepResult(observation="", done=True, reward=float(o), success=o) for o in ok]
+
+    def close(self):
+        pass
+
+
+TOY_FLAGS = ["--model", "tiny", "--k", "4", "--tasks-per-iter", "8", "--minibatch", "16", "--micro-batch", "16",
+             "--max-new-tokens", "1", "--lora-rank", "0", "--lr", "1e-2", "--eval-every", "0", "--warm-start-epochs", "0",
+             "--no-gradient-checkpointing"]
+
+
+def _toy_run(tmp_path, iterations, *extra, name="run"):
+    history = train.main(TOY_FLAGS + ["--iterations", str(iterations), "--out-dir", str(tmp_path / name), *extra],
+                         envs=CapitalLetterEnv(32), train_tasks=[f"t{i}" for i in range(8)], eval_tasks=["t0"])
+    return [row["success"] for row in history if "success" in row]
+
+
+def test_train_loop_raises_success_and_shuffled_advantages_do_not(tmp_path, monkeypatch):
+    learned = _toy_run(tmp_path, 12, name="loop")
+    real = train.advantages_for
+
+    def shuffled(*a, **kw):  # the control: the same advantages, given to the wrong trajectories
+        adv, keep = real(*a, **kw)
+        perm = torch.randperm(len(adv)).tolist()
+        return [adv[i] for i in perm], [keep[i] for i in perm]
+
+    monkeypatch.setattr(train, "advantages_for", shuffled)
+    control = _toy_run(tmp_path, 12, name="control")
+    first, last = sum(learned[:3]) / 3, sum(learned[-3:]) / 3
+    assert first < 0.5 and last > 0.85, learned
+    assert sum(control[-3:]) / 3 < 0.55, control
+
+
+def test_train_resume_continues_exactly(tmp_path):
+    straight = _toy_run(tmp_path, 4, name="straight")
+    first = _toy_run(tmp_path, 2, name="resumed")
+    rest = _toy_run(tmp_path, 4, "--resume", name="resumed")
+    assert first + rest == straight
+    a = torch.load(tmp_path / "straight" / "checkpoint.pt", weights_only=False)
+    b = torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=False)
+    assert a["iteration"] == b["iteration"] == 4 and a["model"].keys() == b["model"].keys()
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    from transformers import AutoModelForCausalLM
+    AutoModelForCausalLM.from_pretrained(tmp_path / "resumed" / "final")  # the export opens as a plain HF model
+
+
+def test_train_a_killed_worker_fails_its_episode_and_the_iteration_completes(tmp_path, pool, world_root):
+    import signal
+    calls = []
+
+    class Killer:  # the real pool, whose worker 0 is killed the first time the agent acts
+        max_interactions = pool.max_interactions
+
+        def __len__(self):
+            return len(pool)
+
+        def reset(self, slots, task_ids):
+            return pool.reset(slots, task_ids)
+
+        def step(self, slots, texts):
+            if not calls and 0 in slots:
+                os.kill(pool.worker_pid(0), signal.SIGKILL)
+            calls.append(slots)
+            return pool.step(slots, texts)
+
+        def close(self):
+            pass
+
+    tasks = env.load_task_ids("train", world_root)[:1]
+    history = train.main(["--model", "tiny", "--k", "2", "--tasks-per-iter", "1", "--minibatch", "2",
+                          "--micro-batch", "1", "--max-new-tokens", "8", "--iterations", "1", "--eval-every", "0",
+                          "--warm-start-epochs", "0", "--out-dir", str(tmp_path / "kill"), "--prompt", "short"],
+                         envs=Killer(), train_tasks=tasks, eval_tasks=tasks)
+    assert history[-1]["iteration"] == 1 and history[-1]["env_failed"] == 1
+
+
+def test_train_help_lists_every_flag_with_its_docstring():
+    out = subprocess.run([sys.executable, "train.py", "--help"], capture_output=True, text=True, timeout=120,
+                         cwd=os.path.dirname(os.path.abspath(__file__)))
+    assert out.returncode == 0, out.stderr
+    text = " ".join(out.stdout.split())
+    docs = train._field_docs()
+    for f in dataclasses.fields(train.Args):
+        if not f.metadata.get("runtime"):
+            assert "--" + f.name.replace("_", "-") in text, f.name
+            assert " ".join(docs[f.name].split()) in text, f.name
+
+
+@pytest.mark.parametrize("flags, named", [
+    (["--k", "1"], "--k"), (["--eps", "0"], "--eps"), (["--minibatch", "30", "--micro-batch", "4"], "--micro-batch"),
+    (["--level", "episode"], "--level"), (["--train-split", "validation"], "--train-split"),
+    (["--clip", "huber"], "--clip"), (["--tasks-per-iter", "0"], "--tasks-per-iter"),
+])
+def test_train_invalid_settings_fail_before_any_work_naming_the_flag(flags, named):
+    with pytest.raises(SystemExit, match=named):
+        train.validate(train.parse_args(["--model", "tiny", *flags]), world_size=1)

