@@ -9,6 +9,7 @@ about that object and nothing about AppWorld or advantages:
     add_lora(model)                              # hand-written LoRA; everything else frozen
     enable_gradient_checkpointing(model)         # non-reentrant, per decoder layer
     model = shard(model)                         # FSDP2 under torchrun, a no-op otherwise
+    with gathered(model): ...                    # sampling: gather the shards once, not per step
     logps = token_logprobs(model, ids, mask)     # (B, T-1), never the (B, T, V) logits
     save(model, tokenizer, "out/")               # LoRA merged: AutoModelForCausalLM.from_pretrained("out/")
 
@@ -183,11 +184,12 @@ class LoRALinear(nn.Module):
 
 
 def add_lora(model, r=16, alpha=32, targets=LORA_TARGETS):
-    """Wrap every nn.Linear whose name ends in one of `targets` and freeze all other parameters.
-    Call before `shard` (FSDP must see the final parameters)."""
+    """Wrap every nn.Linear attribute named one of `targets` and freeze all other parameters.
+    Call before `shard` (FSDP must see the final parameters). Without it, every parameter trains
+    (full fine-tuning)."""
     model.requires_grad_(False)
     wrapped = 0
-    for name, module in list(model.named_modules()):
+    for module in list(model.modules()):
         for child_name, child in list(module.named_children()):
             if child_name in targets and isinstance(child, nn.Linear):
                 setattr(module, child_name, LoRALinear(child, r, alpha))
@@ -340,14 +342,10 @@ def export_state_dict(model):
             continue
         if key.endswith(".base.weight") and key[: -len("base.weight")] + "lora_A" in sd:
             prefix = key[: -len("base.weight")]
-            scale = _lora_scale(model, prefix[:-1])
+            scale = model.get_submodule(prefix[:-1]).scale
             value = value + scale * (sd[prefix + "lora_B"].float() @ sd[prefix + "lora_A"].float()).to(value.dtype)
         out[key.replace(".base.", ".")] = value
     return out
-
-
-def _lora_scale(model, module_name):
-    return model.get_submodule(module_name).scale
 
 
 def save(model, tokenizer, path):

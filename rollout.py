@@ -23,7 +23,13 @@ Choices worth knowing:
   environment never sees it. No extra evaluation is requested: reward, success and test counts are
   whatever the environment's last step reported (0 before any step), so a cut episode usually
   scores 0, never a silently truncated trajectory.
-- Greedy decoding records log-probs at temperature 1.
+- Greedy decoding records log-probs at temperature 1. Sampling draws from torch's global RNG:
+  seed each rank differently.
+- Under FSDP the sampling phase gathers the weights once (`model.gathered`), instead of one
+  all-gather per layer per decode step (2.8x faster for SmolLM2 on 2 CPU ranks).
+
+Simplifications: the KV cache lives within a turn only, so each turn prefills the whole conversation
+again (a prefix cache across turns would save that); a batch runs until its longest turn ends.
 """
 import contextlib
 from collections import deque
