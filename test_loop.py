@@ -674,7 +674,7 @@ class ToyEnvs:
             if self.task[s] == self.fail_task:
                 out.append(ToyStep("", True, info={"env_failed": True}))
                 continue
-            done = n >= self.turns
+            done = n >= (self.turns[self.task[s]] if isinstance(self.turns, dict) else self.turns)
             out.append(ToyStep(f"Output {n}: {len(text)} characters", done, reward=float(done) * (len(text) % 2),
                                success=done, pass_count=n, num_tests=self.turns))
         return out
@@ -776,6 +776,19 @@ def test_rollout_greedy_episode_is_the_same_alone_and_in_a_batch():
     batched = _collect(m, tok, ToyEnvs(slots=3), tasks, 1, greedy=True, max_new_tokens=10)
     assert len({len(e.token_ids) for e in batched}) > 1  # padding was really exercised
     for a, b in zip(alone, batched):
+        assert a.token_ids == b.token_ids and a.agent_mask == b.agent_mask
+        assert max(abs(x - y) for x, y in zip(a.sampler_logprobs, b.sampler_logprobs)) < 1e-4
+
+
+def test_rollout_reusing_key_values_across_turns_changes_nothing():
+    m, tok = _tiny()
+    _eos_happy(m, bias=6.5)
+    # episodes of 1, 4 and 2 turns over 2 slots: the third starts (no cache) next to a cached one
+    turns = {"a": 1, "a longer task name": 4, "ccc": 2}
+    runs = [_collect(m, tok, ToyEnvs(slots=2, turns=turns), list(turns), 1, greedy=True, max_new_tokens=10,
+                     reuse_cache=reuse) for reuse in (False, True)]
+    assert [e.num_turns for e in runs[1]] == [1, 4, 2]
+    for a, b in zip(*runs):
         assert a.token_ids == b.token_ids and a.agent_mask == b.agent_mask
         assert max(abs(x - y) for x, y in zip(a.sampler_logprobs, b.sampler_logprobs)) < 1e-4
 
