@@ -12,9 +12,9 @@ One iteration (Algorithm 1 of the paper, App. D for the details):
     -> drop |A| < 0.01 -> recompute old log-probs with the training model -> `epochs` passes of
     clipped PPO over shuffled minibatches -> log, evaluate, checkpoint.
 The maths lives in loop.py; this file is plumbing. Simplifications against the official code: one
-model object samples and learns (no vLLM copy), generation is HF `generate` (slow but exact),
-and the RNG is re-seeded from (seed, iteration, rank) at every iteration so a resumed run
-continues exactly without saving generator states.
+model object samples and learns (no vLLM copy: sampling is a plain KV-cached loop in rollout.py,
+slower but exact), no learning-rate schedule, and the RNG is re-seeded from (seed, iteration, rank)
+at every iteration so a resumed run continues exactly without saving generator states.
 """
 import argparse
 import dataclasses
@@ -138,7 +138,7 @@ class Args:
 # the mini-world. Flags given on the command line still win.
 OFFLINE_DEFAULTS = dict(
     difficulties="1", prompt="short", k=6, tasks_per_iter=4, iterations=12, env_workers=12,
-    max_interactions=4, eval_max_interactions=4, max_new_tokens=96, max_obs_tokens=400,
+    max_interactions=4, eval_max_interactions=4, max_new_tokens=160, max_obs_tokens=400,
     max_seq_len=4096, minibatch=24, micro_batch=6, lr=2e-4, warm_start_epochs=3, eval_every=6,
     save_every=6, lora_rank=16,
 )
@@ -442,7 +442,7 @@ def scripted_episodes(tokenizer, envs, task_ids: list[str], root: str) -> list[r
     return [e for e in episodes if e.success]  # a script that fails teaches nothing
 
 
-def warm_start(model, tokenizer, envs, task_ids, args: Args, device, log) -> None:
+def warm_start(model, tokenizer, envs, task_ids, args: Args, device, log, master: bool) -> None:
     """Supervised epochs on scripted solutions before RL (the paper's SFT-GT idea; used for the
     small offline model, which without it almost never writes a working cell). The loss is the
     mean negative log-likelihood of the assistant tokens only."""
@@ -453,10 +453,11 @@ def warm_start(model, tokenizer, envs, task_ids, args: Args, device, log) -> Non
     batch = rollout.collate(episodes, model_pad_id(model)).to(device)
     for epoch in range(args.warm_start_epochs):
         total = 0.0
-        for rows in torch.randperm(len(episodes)).split(args.micro_batch):
-            logp = M.token_logprobs(model, batch.input_ids[rows], batch.attention_mask[rows])  # (b, T-1)
-            m = batch.agent_mask[rows]  # (b, T-1)
-            nll = -torch.where(m, logp, 0.0).sum() / m.sum().clamp_min(1)  # () per agent token
+        chunks = torch.randperm(len(episodes)).split(args.micro_batch)
+        for rows in tqdm(chunks, desc=f"warm start {epoch + 1}/{args.warm_start_epochs}", disable=not master, leave=False):
+            mb = batch.select(rows)
+            logp = M.token_logprobs(model, mb.input_ids, mb.attention_mask)  # (b, T-1)
+            nll = -torch.where(mb.agent_mask, logp, 0.0).sum() / mb.agent_mask.sum().clamp_min(1)  # () per agent token
             nll.backward()
             torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
             opt.step()
@@ -484,6 +485,10 @@ def main(argv=None, envs=None, train_tasks=None, eval_tasks=None) -> list[dict]:
             with open(out / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(row) + "\n")
 
+    if device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+        # Leave a core to the environment workers: torch's threads spin-wait, and with every core
+        # taken a 2-thread matmul ran 15x slower here than a 1-thread one (DESIGN.md 6).
+        torch.set_num_threads(max(1, (os.cpu_count() or 2) - 1))
     seed_everything(args.seed + rank)
     dtype = {"auto": None, "bfloat16": torch.bfloat16, "float32": torch.float32}[args.dtype]
     name = args.checkpoint if args.eval_only and args.checkpoint else args.model
@@ -524,7 +529,7 @@ def main(argv=None, envs=None, train_tasks=None, eval_tasks=None) -> list[dict]:
         if args.resume and (out / "checkpoint.pt").exists():
             start = load_checkpoint(out / "checkpoint.pt", model, optimizer)
         elif args.warm_start_epochs > 0:  # every rank the same data: the same number of FSDP passes
-            warm_start(model, tokenizer, envs, train_tasks, args, device, log)
+            warm_start(model, tokenizer, envs, train_tasks, args, device, log, master)
         eval_splits = {"train": train_tasks, args.eval_split: eval_tasks}
         if args.eval_every and start == 0:
             log(dict(phase="eval", iteration=0, **evaluate(model, tokenizer, envs, eval_splits, args, rank, world_size)))
