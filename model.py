@@ -233,7 +233,9 @@ def shard(model, *, mixed_precision=False):
         return model
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if mixed_precision else MixedPrecisionPolicy()
+    mp = MixedPrecisionPolicy()
+    if mixed_precision:
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     for layer in decoder_layers(model):
         fully_shard(layer, mp_policy=mp)
     fully_shard(model, mp_policy=mp)
@@ -312,7 +314,8 @@ def token_logprobs(model, input_ids, attention_mask, temperature=1.0, chunk_size
     token is padding get 0.0. Works for left or right padding, sharded or not.
     """
     if input_ids.dim() != 2 or input_ids.shape != attention_mask.shape:
-        raise ValueError(f"input_ids and attention_mask must both be (B, T): {tuple(input_ids.shape)} vs {tuple(attention_mask.shape)}")
+        raise ValueError(f"input_ids and attention_mask must both be (B, T): "
+                         f"{tuple(input_ids.shape)} vs {tuple(attention_mask.shape)}")
     fn = getattr(model, "_loop_token_logprobs", None)  # set by shard(): runs inside FSDP's hooks
     if fn is not None:
         return fn(input_ids, attention_mask, temperature, chunk_size)
@@ -380,7 +383,8 @@ def load_trainable_state_dict(model, state):
     """Inverse of `trainable_state_dict` (every rank passes the same full tensors under FSDP)."""
     names = {n for n, p in model.named_parameters() if p.requires_grad}
     if set(state) != names:
-        raise ValueError(f"trainable state mismatch: missing {sorted(names - set(state))[:5]}, unexpected {sorted(set(state) - names)[:5]}")
+        raise ValueError(f"trainable state mismatch: missing {sorted(names - set(state))[:5]}, "
+                         f"unexpected {sorted(set(state) - names)[:5]}")
     if _is_distributed():
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 

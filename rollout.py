@@ -131,7 +131,8 @@ def observation_ids(tokenizer, text):
     eos = tokenizer.eos_token
     base = [{"role": "system", "content": "S"}, {"role": "user", "content": "U"}, {"role": "assistant", "content": "A"}]
     before = tokenizer.apply_chat_template(base, tokenize=False)
-    after = tokenizer.apply_chat_template(base + [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=False)
+    after = tokenizer.apply_chat_template(base + [{"role": "user", "content": text}], add_generation_prompt=True,
+                                          tokenize=False)
     if not after.startswith(before) or eos not in before:
         raise ValueError("observation_ids: this chat template does not render turns as appendable text")
     footer = before[before.rindex(eos) + len(eos) :]  # e.g. "\n" after <|im_end|>
@@ -233,7 +234,8 @@ def sample(model, prompts, budgets, *, eos_id, pad_id, temperature=1.0, greedy=F
         position_ids = position_ids[:, -1:] + 1  # (B, 1)
     # Each row's states at its real positions: what its next turn can start from.
     keep = [attention_mask[i].bool() for i in range(B)]
-    new_caches = [[(layer.keys[i][:, keep[i]], layer.values[i][:, keep[i]]) for layer in cache.layers] for i in range(B)]
+    new_caches = [[(layer.keys[i][:, keep[i]], layer.values[i][:, keep[i]]) for layer in cache.layers]
+                  for i in range(B)]  # per row, per layer: (heads, n, head_dim) twice
     return out_ids, out_logprobs, new_caches
 
 
@@ -330,7 +332,8 @@ def collect(model, tokenizer, envs, task_ids, k, *, temperature=1.0, greedy=Fals
             results = envs.step(to_step, texts) if to_step else []
             for slot, r in zip(to_step, results):
                 e = episodes[live[slot]]
-                e.reward, e.success, e.pass_count, e.num_tests = float(r.reward), bool(r.success), r.pass_count, r.num_tests
+                e.reward, e.success = float(r.reward), bool(r.success)
+                e.pass_count, e.num_tests = r.pass_count, r.num_tests
                 e.info = dict(r.info or {})
                 if e.info.get("env_failed"):
                     finish(slot, "env_failed")
