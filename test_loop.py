@@ -610,6 +610,10 @@ def test_model_save_gives_a_from_pretrained_checkpoint_and_trainable_state_round
     with torch.no_grad():
         torch.testing.assert_close(reloaded(input_ids=ids, attention_mask=mask).logits, adapted, atol=1e-4, rtol=1e-4)
     assert AutoTokenizer.from_pretrained(tmp_path / "export").eos_token_id == 2
+    again, tok2 = model.load(str(tmp_path / "export"))  # a local path through our own loader
+    assert tok2.padding_side == "left" and tok2.pad_token_id == 2
+    with torch.no_grad():
+        torch.testing.assert_close(again(input_ids=ids, attention_mask=mask).logits, adapted, atol=1e-4, rtol=1e-4)
     state = model.trainable_state_dict(m)
     fresh, _ = _tiny(seed=0)
     model.add_lora(fresh)  # fresh adapters: B = 0
