@@ -1,0 +1,740 @@
+"""Measure the paper's memory claim and our own speed, each figure a ratio against a baseline
+measured in the same run (issue 4).
+
+    python bench.py                      # everything, tiny model and SmolLM2-135M (< 15 min on 2 CPU cores)
+    python bench.py --quick              # a ~2 minute subset (mostly the tiny model)
+    python bench.py --only 1,5 --json runs/bench.json --threads 2
+
+The figures (goal in brackets):
+ 1. Memory claim: peak memory of one LOOP update (train.ppo_update: old log-probs recompute, loss,
+    backward, optimizer step) / one supervised step (NLL of the same agent tokens, same batch, LoRA,
+    micro-batching, gradient checkpointing). Two SFT baselines: the same chunked log-probs
+    (model.token_logprobs, what our warm start does) and the plain HF way (`model(labels=...)`, full
+    logits). The peer: one step of TRL's GRPOTrainer (beta=0, same model, LoRA, token counts;
+    its step includes generating the completions). [LOOP / SFT <= 1.00; LOOP below TRL]
+ 2. Chunked log-probs: peak memory and time of a forward + backward through model.token_logprobs
+    / through log_softmax over the full (T, V) logits, at T = 1k, 4k, 8k, V = 49,152 (SmolLM2's
+    tokenizer) on the tiny model. [memory <= 0.1 at 8k; time <= 1.2]
+ 3. Sampling: new tokens/s of rollout.collect running K=6 episodes of several tasks together / the
+    same kind of episodes one at a time with plain HF `generate` (batch 1). The environment has the
+    EnvPool surface but answers instantly, so this measures sampling only. [>= 4x at 24 episodes]
+ 4. Learning throughput: FLOP/s of a LOOP update / FLOP/s of a large float32 torch.mm, same process,
+    same threads. FLOPs of an update = (2 old log-probs + 2 forward + 2 recompute + 2 input
+    gradients + 2 weight gradients of trained dense weights) x N x T, where N = parameters on the
+    path of a token (decoder layers incl. LoRA, plus the LM head; not the embedding lookup), T = the
+    tokens of the batch; with LoRA the last term is only LoRA's (tiny), so ~8 N T. Attention's
+    T^2 terms are left out (a few % at 512 tokens). [>= 0.4 of matmul peak]
+ 5. FSDP: parameter + gradient + optimizer-state bytes held per rank, 2 ranks (gloo, mp spawn) /
+    1 rank, after one step. [<= 0.55]
+ 6. Where one offline-default iteration's time goes (SmolLM2 on the mini-world, small settings):
+    sampling vs environment (EnvPool.reset/step, wrapped) vs old log-probs vs the PPO update.
+
+Memory: every measurement runs in a fresh spawned process. On CPU it is the peak RSS of that
+process during the measured step (Linux: /proc/self/clear_refs resets VmHWM after set-up), shown
+as "peak (+ above the RSS before the step)"; on GPU torch.cuda.max_memory_allocated. Memory
+processes run with MALLOC_MMAP_THRESHOLD_=1 MB, so that RSS follows the live tensors (glibc's
+default heap keeps freed blocks: see MEMORY_ENV); --glibc-default measures without it.
+Threads: --threads (default: all cores) in every process, baselines included.
+"""
+import argparse
+import gc
+import json
+import math
+import multiprocessing as mp
+import os
+import platform
+import re
+import resource
+import sys
+import tempfile
+import time
+import traceback
+
+import torch
+
+import appworld_env
+import model as M
+import rollout
+import train
+
+CUDA = torch.cuda.is_available()
+DEVICE = torch.device("cuda" if CUDA else "cpu")
+
+
+# ---------------------------------------------------------------------------------- memory
+
+
+def _status_kb(key):
+    with open("/proc/self/status") as f:
+        return int(re.search(rf"^{key}:\s+(\d+)", f.read(), re.M).group(1))
+
+
+def current_mb():
+    if CUDA:
+        return torch.cuda.memory_allocated() / 2**20
+    return _status_kb("VmRSS") / 1024
+
+
+def reset_peak():
+    """Start a new peak: what the measured step adds, not what loading the model needed."""
+    gc.collect()
+    if CUDA:
+        torch.cuda.reset_peak_memory_stats()
+        return
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM (peak RSS) to the current RSS (Linux >= 4.0)
+    except OSError:
+        pass  # then peak_mb() is the whole process's peak, set-up included
+
+
+def peak_mb():
+    if CUDA:
+        return torch.cuda.max_memory_allocated() / 2**20
+    try:
+        return _status_kb("VmHWM") / 1024
+    except (OSError, AttributeError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KB on Linux
+
+
+def measured(fn):
+    """Run fn() once; its time and the peak memory of this process while it ran (MB)."""
+    base = current_mb()
+    reset_peak()
+    t0 = time.perf_counter()
+    out = fn()
+    if CUDA:
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - t0
+    peak = peak_mb()
+    return out, dict(peak_mb=peak, base_mb=base, above_mb=peak - base, seconds=seconds)
+
+
+# --------------------------------------------------------------------------- fresh processes
+
+
+def _child_main(conn, name, kwargs, threads):
+    torch.set_num_threads(threads)
+    try:
+        conn.send(("ok", globals()[name](**kwargs)))
+    except BaseException:
+        conn.send(("error", traceback.format_exc(limit=6)))
+    finally:
+        conn.close()
+
+
+# glibc keeps freed blocks below its (adaptive, up to 32 MB) mmap threshold in its heap, so a
+# training step's peak RSS is ~3x its live tensors (SmolLM2, 6x512 tokens: 4.2 GB vs 1.5 GB).
+# Memory children serve every block >= 1 MB by mmap, which is returned on free: RSS then follows
+# the tensors. (--glibc-default turns this off; timing children never use it.)
+MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": str(2**20)}
+
+
+def in_fresh_processes(name, kwargs_list, threads, timeout=900, env=None):
+    """Run the module function `name` once per kwargs, each in its own spawned process, all at once
+    (one per rank for FSDP; otherwise a list of one), with `env` added to their environment.
+    Returns their results, or {"error": ...} for each that failed."""
+    ctx = mp.get_context("spawn")
+    procs = []
+    saved = dict(os.environ)
+    os.environ.update(env or {})
+    try:
+        for kwargs in kwargs_list:
+            parent, child = ctx.Pipe(duplex=False)
+            p = ctx.Process(target=_child_main, args=(child, name, kwargs, threads))
+            p.start()
+            child.close()
+            procs.append((p, parent))
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    results, deadline = [], time.monotonic() + timeout
+    for p, conn in procs:
+        if conn.poll(max(0.0, deadline - time.monotonic())):
+            try:
+                status, value = conn.recv()
+            except EOFError:
+                status, value = "error", "the process died (out of memory?)"
+        else:
+            status, value = "error", f"no answer within {timeout} s"
+        p.join(10)
+        if p.is_alive():
+            p.kill()
+            p.join()
+        if status == "error" and p.exitcode not in (0, None):
+            value += f" (exit code {p.exitcode})"
+        results.append(value if status == "ok" else {"error": value})
+    return results
+
+
+def in_fresh_process(name, threads, env=None, **kwargs):
+    return in_fresh_processes(name, [kwargs], threads, env=env)[0]
+
+
+# ------------------------------------------------------------------------------ shared set-up
+
+
+def load_model(name, lora=True, checkpointing=True):
+    """'tiny' (hidden 64, 2 layers, SmolLM2's 49k vocabulary) or 'smol' (SmolLM2-135M-Instruct),
+    float32 on CPU, in the training setting of train.py."""
+    torch.manual_seed(0)
+    model, tokenizer = M.load(tiny=name == "tiny", device=DEVICE)
+    if lora:
+        M.add_lora(model)
+    if checkpointing:
+        M.enable_gradient_checkpointing(model)
+    with torch.no_grad():  # read every weight once: transformers maps the checkpoint file lazily, and the
+        sum(p.sum() for p in model.parameters())  # RSS before a step should hold the whole model
+    return model, tokenizer
+
+
+def trainable_path_params(model):
+    """N of the FLOP formula: decoder layers (LoRA included) plus the LM head; and the trained dense
+    (non-LoRA) parameters among them, whose weight gradients cost another 2 N T."""
+    layers = list(M.decoder_layers(model).parameters())
+    head = model.get_output_embeddings().weight
+    n = sum(p.numel() for p in layers) + head.numel()
+    dense_trained = sum(p.numel() for p in layers if p.requires_grad and p.dim() == 2 and p.shape[0] > 64 and p.shape[1] > 64)
+    if any(p.requires_grad for p in model.get_output_embeddings().parameters()):
+        dense_trained += head.numel()
+    return n, dense_trained
+
+
+# Sizes of one synthetic LOOP batch: the offline default's micro-batch (6 trajectories) of 512 tokens,
+# each a prompt, then two agent turns with an observation between them: 256 agent tokens each.
+PROMPT, TURNS = 192, ((128, 64), (128, 0))  # prompt tokens; (agent, observation) tokens per turn
+SEQ = PROMPT + sum(a + o for a, o in TURNS)  # 512
+AGENT = sum(a for a, _ in TURNS)  # 256
+
+
+def synthetic_episodes(tokenizer, n, seed=0):
+    """n rollout.Episodes of SEQ random tokens in the layout above, K=6 per task, with rewards whose
+    leave-one-out advantages are all nonzero (so the |A| filter keeps every one)."""
+    g = torch.Generator().manual_seed(seed)
+
+    def ids(k):
+        return torch.randint(100, len(tokenizer), (k,), generator=g).tolist()  # ordinary tokens, no specials
+
+    rewards = [1.0, 0.0, 0.5, 0.0, 1.0, 0.25]
+    episodes = []
+    for i in range(n):
+        e = rollout.Episode(task_id=f"synthetic_{i // 6}")
+        e.append(ids(PROMPT))
+        for agent, obs in TURNS:
+            e.append(ids(agent), agent=True, logprobs=[-1.0] * agent)
+            e.num_turns += 1
+            if obs:
+                e.append(ids(obs))
+        e.reward = rewards[i % 6]
+        episodes.append(e)
+    return episodes
+
+
+def advantages(episodes):
+    adv, keep = train.advantages_for(episodes, 6, "loop", 0.01)
+    assert all(keep), "every synthetic trajectory should survive the filter"
+    return adv
+
+
+def matmul_flops(n=2048, min_seconds=1.0):
+    """FLOP/s of a float32 (n x n) @ (n x n) torch.mm on this device and thread setting."""
+    a, b = torch.randn(n, n, device=DEVICE), torch.randn(n, n, device=DEVICE)
+    torch.mm(a, b)  # warm-up
+    reps, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < min_seconds:
+        torch.mm(a, b)
+        reps += 1
+    if CUDA:
+        torch.cuda.synchronize()
+    return 2 * n**3 * reps / (time.perf_counter() - t0)
+
+
+# ------------------------------------------------------------------- figure 1 and 4: children
+
+
+def loop_update_child(model_name, n, micro, time_it=False):
+    """One LOOP update through train.ppo_update (1 epoch, one minibatch of n, micro-batches of
+    `micro`): its peak memory; with time_it instead a second update, timed, its FLOP/s, and torch.mm's."""
+    model, tokenizer = load_model(model_name)
+    episodes = synthetic_episodes(tokenizer, n)
+    adv = advantages(episodes)
+    args = train.Args(epochs=1, minibatch=n, micro_batch=micro, lr=1e-4)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+
+    def update():
+        return train.ppo_update(model, opt, episodes, adv, episodes[0], args, 1, DEVICE)
+
+    stats, out = measured(update)
+    assert stats["optimizer_steps"] == 1, stats
+    if time_it:
+        _, timing = measured(update)  # the first update pays one-off costs (heap growth, optimizer state)
+        tokens = n * SEQ
+        N, dense_trained = trainable_path_params(model)
+        flops = (8 * N + 2 * dense_trained) * tokens
+        out.update(tokens=tokens, N=N, dense_trained=dense_trained, update_seconds=timing["seconds"],
+                   tokens_per_s=tokens / timing["seconds"], flops_per_s=flops / timing["seconds"],
+                   matmul_flops_per_s=matmul_flops())
+    return out
+
+
+def sft_step_child(model_name, n, micro, head):
+    """One supervised step on the same batch: NLL of the agent tokens, micro-batched, clipped, AdamW.
+    head="chunked": model.token_logprobs (as train.warm_start); "full": HF's model(labels=...)."""
+    model, tokenizer = load_model(model_name)
+    batch = rollout.collate(synthetic_episodes(tokenizer, n), tokenizer.pad_token_id).to(DEVICE)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.01)
+
+    def step():
+        for rows in torch.arange(n).split(micro):
+            mb = batch.select(rows)
+            if head == "chunked":
+                logp = M.token_logprobs(model, mb.input_ids, mb.attention_mask)  # (b, T-1)
+                loss = -torch.where(mb.agent_mask, logp, 0.0).sum() / mb.agent_mask.sum() * len(rows) / n  # ()
+            else:
+                # HF shifts labels itself: label t is the target of position t-1; -100 is ignored.
+                is_agent = torch.cat([torch.zeros_like(mb.agent_mask[:, :1]), mb.agent_mask], dim=1)  # (b, T)
+                labels = mb.input_ids.masked_fill(~is_agent, -100)  # (b, T)
+                loss = model(input_ids=mb.input_ids, attention_mask=mb.attention_mask, labels=labels).loss * len(rows) / n
+            loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return measured(step)[1]
+
+
+def trl_grpo_child(model_name, n):
+    """One step of TRL's GRPOTrainer, beta=0 (no reference model), on our LoRA'd, checkpointed model:
+    one prompt of PROMPT tokens, n=6 generations forced to AGENT tokens each (SEQ tokens per
+    sequence, as the LOOP batch). Includes generating the completions."""
+    import datasets
+    import trl
+
+    model, tokenizer = load_model(model_name)
+    g = torch.Generator().manual_seed(0)
+    prompt = tokenizer.decode(torch.randint(100, len(tokenizer), (PROMPT,), generator=g).tolist())
+    data = datasets.Dataset.from_dict({"prompt": [prompt] * 4})
+    config = trl.GRPOConfig(
+        output_dir=tempfile.mkdtemp(prefix="bench_trl_"), beta=0.0, num_generations=n,
+        per_device_train_batch_size=n, max_completion_length=AGENT, temperature=1.0,
+        generation_kwargs=dict(min_new_tokens=AGENT, top_k=0, top_p=1.0),  # every completion AGENT tokens
+        gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False},
+        learning_rate=1e-4, max_steps=1, use_cpu=not CUDA, bf16=False, report_to="none",
+        save_strategy="no", logging_steps=1, disable_tqdm=True, seed=0)
+    trainer = trl.GRPOTrainer(model=model, reward_funcs=lambda completions, **kw: [float(len(c) % 3) for c in completions],
+                              args=config, train_dataset=data, processing_class=tokenizer)
+    _, out = measured(trainer.train)
+    out["trl_version"] = trl.__version__
+    return out
+
+
+# ------------------------------------------------------------------------- figure 2: children
+
+
+def logprobs_child(model_name, T, method):
+    """Forward + backward of the log-probs of one sequence of T tokens: model.token_logprobs
+    ("chunked") or log_softmax over the full (T, V) logits ("full"). Tiny model: every parameter
+    trains; SmolLM2: LoRA. Both with gradient checkpointing. A warm-up run first, then measured."""
+    model, _ = load_model(model_name, lora=model_name != "tiny")
+    V = model.get_output_embeddings().weight.shape[0]
+    ids = torch.randint(100, V, (1, T), device=DEVICE)  # (1, T)
+    mask = torch.ones_like(ids)  # (1, T)
+
+    def run():
+        if method == "chunked":
+            logp = M.token_logprobs(model, ids, mask)  # (1, T-1)
+        else:
+            logits = model(input_ids=ids, attention_mask=mask).logits  # (1, T, V)
+            logp = torch.log_softmax(logits.float(), dim=-1)[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1)  # (1, T-1)
+        logp.sum().backward()
+        model.zero_grad(set_to_none=True)
+
+    run()
+    return dict(**measured(run)[1], vocab=V)
+
+
+# ------------------------------------------------------------------------- figure 3: children
+
+
+class InstantEnv:
+    """The EnvPool surface (len, reset, step) answering at once: every episode has `turns` turns,
+    the observation is a short fixed text. With it, rollout timings measure sampling alone."""
+
+    def __init__(self, size, turns):
+        self.size, self.turns, self.turn = size, turns, {}
+
+    def __len__(self):
+        return self.size
+
+    def reset(self, slots, task_ids):
+        info = {"datetime": "2023-05-18T12:00:00", "instruction": "How many songs are in my Spotify library?",
+                "supervisor": {"first_name": "Ada", "last_name": "Lin", "email": "ada@example.org", "phone_number": "5550100"}}
+        for s in slots:
+            self.turn[s] = 0
+        return [appworld_env.opening_messages({**info, "instruction": f"{info['instruction']} ({t})"}, "short")
+                for t in task_ids]
+
+    def step(self, slots, texts):
+        out = []
+        for s in slots:
+            self.turn[s] += 1
+            done = self.turn[s] >= self.turns
+            out.append(appworld_env.StepResult("Execution successful.", done, reward=float(done) * (s % 2)))
+        return out
+
+
+def sampling_child(model_name, episode_counts, k, max_new_tokens, turns, sequential_episodes):
+    """New tokens/s: rollout.collect with all episodes live at once, for each count; and plain HF
+    generate, batch 1, one episode after another (`sequential_episodes` of them: the rate at batch 1
+    does not depend on how many episodes follow each other)."""
+    model, tokenizer = load_model(model_name, lora=True, checkpointing=False)
+    model.eval()
+    torch.manual_seed(0)
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    out = {}
+
+    env = InstantEnv(1, turns)
+    new_tokens, t0 = 0, time.perf_counter()
+    for i in range(sequential_episodes):
+        ids = rollout.prompt_ids(tokenizer, env.reset([0], [f"task_{i // k}"])[0])
+        for _ in range(turns):
+            x = torch.tensor([ids], device=DEVICE)  # (1, L)
+            y = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=max_new_tokens, do_sample=True,
+                               temperature=1.0, top_k=0, top_p=1.0, eos_token_id=eos, pad_token_id=pad)  # (1, L + new)
+            new = y[0, x.shape[1]:].tolist()
+            new_tokens += len(new)
+            r = env.step([0], [tokenizer.decode(new, skip_special_tokens=True)])[0]
+            if r.done:
+                break
+            ids = ids + new + ([] if new[-1] == eos else [eos]) + rollout.observation_ids(tokenizer, r.observation)
+    seconds = time.perf_counter() - t0
+    out["generate_b1"] = dict(episodes=sequential_episodes, new_tokens=new_tokens, seconds=seconds,
+                              tokens_per_s=new_tokens / seconds)
+
+    for count in episode_counts:
+        env = InstantEnv(count, turns)
+        tasks = [f"task_{i}" for i in range(count // k)]
+        t0 = time.perf_counter()
+        episodes = rollout.collect(model, tokenizer, env, tasks, k, max_new_tokens=max_new_tokens, progress=False)
+        seconds = time.perf_counter() - t0
+        new_tokens = sum(sum(e.agent_mask) for e in episodes)
+        out[f"collect_{count}"] = dict(episodes=count, new_tokens=new_tokens, seconds=seconds,
+                                       tokens_per_s=new_tokens / seconds)
+    return out
+
+
+# ------------------------------------------------------------------------- figure 5: children
+
+
+def fsdp_child(rank, world_size, port, model_name, lora):
+    """Bytes of parameters, gradients and AdamW state this rank holds after one training step
+    (FSDP2 through model.shard when world_size > 1)."""
+    import torch.distributed as dist
+    from datetime import timedelta
+
+    if world_size > 1:
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=timedelta(seconds=300))
+    try:
+        model, tokenizer = load_model(model_name, lora=lora)
+        model = M.shard(model)
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=1e-4)
+        ids = torch.randint(100, len(tokenizer), (2, 64), device=DEVICE)  # (2, 64)
+        logp = M.token_logprobs(model, ids, torch.ones_like(ids))  # (2, 63)
+        (-logp.mean()).backward()
+        opt.step()
+
+        def nbytes(t):
+            t = t.to_local() if hasattr(t, "to_local") else t  # a DTensor's shard on this rank
+            return t.numel() * t.element_size()
+
+        return dict(param_bytes=sum(nbytes(p) for p in model.parameters()),
+                    grad_bytes=sum(nbytes(p.grad) for p in model.parameters() if p.grad is not None),
+                    optim_bytes=sum(nbytes(v) for s in opt.state.values() for v in s.values()
+                                    if torch.is_tensor(v) and v.dim() > 0))
+    finally:
+        if world_size > 1:
+            dist.destroy_process_group()
+
+
+# ------------------------------------------------------------------------- figure 6: children
+
+
+def iteration_child(model_name, flags, warm_slots=True):
+    """One LOOP iteration as train.main runs it (collect, advantages, filter, ppo_update) on the
+    mini-world, timing the environment (EnvPool.reset/step, wrapped), the old log-probs
+    (train.old_logprobs, wrapped) and the rest."""
+    import random
+
+    args = train.parse_args(flags)
+    model, tokenizer = load_model(model_name, lora=args.lora_rank > 0, checkpointing=args.gradient_checkpointing)
+    appworld_env.setup_mini_world(args.appworld_root)
+    tasks = appworld_env.load_task_ids(args.train_split, args.appworld_root,
+                                       difficulties=tuple(int(d) for d in args.difficulties.split(",")))
+    envs = appworld_env.EnvPool(args.env_workers, args.appworld_root, max_interactions=args.max_interactions,
+                                reward=args.reward, prompt=args.prompt, tokenizer=tokenizer,
+                                max_obs_tokens=args.max_obs_tokens)
+    clock = dict(env=0.0, old_logprobs=0.0)
+
+    def timed(fn, key):
+        def wrapper(*a, **kw):
+            t0 = time.perf_counter()
+            try:
+                return fn(*a, **kw)
+            finally:
+                clock[key] += time.perf_counter() - t0
+        return wrapper
+
+    try:
+        if warm_slots:  # a worker's first world costs ~3 s once: not part of an iteration
+            envs.reset(list(range(len(envs))), [tasks[i % len(tasks)] for i in range(len(envs))])
+        envs.reset, envs.step = timed(envs.reset, "env"), timed(envs.step, "env")
+        original_old_logprobs = train.old_logprobs
+        train.old_logprobs = timed(original_old_logprobs, "old_logprobs")  # ppo_update looks it up here
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+        train.seed_everything(args.seed)
+        draw = random.Random(args.seed * 7919).sample(tasks, min(args.tasks_per_iter, len(tasks)))
+        t0 = time.perf_counter()
+        model.eval()
+        episodes = rollout.collect(model, tokenizer, envs, draw, args.k, temperature=args.temperature,
+                                   max_new_tokens=args.max_new_tokens, max_seq_len=args.max_seq_len, progress=False)
+        collect_s = time.perf_counter() - t0
+        adv, keep = train.advantages_for(episodes, args.k, args.estimator, args.adv_threshold)
+        kept = [(e, a) for e, a, k in zip(episodes, adv, keep) if k]
+        note = f"{len(kept)} of {len(episodes)} trajectories kept by the abs(A) >= 0.01 filter"
+        if not kept:  # nothing to learn from: time the update on every trajectory (A = 0) to show its cost
+            kept, note = list(zip(episodes, adv)), note + "; update timed on all of them (A = 0)"
+        t0 = time.perf_counter()
+        model.train()
+        upd = train.ppo_update(model, optimizer, [e for e, _ in kept], [a for _, a in kept], episodes[0], args, 1, DEVICE)
+        update_s = time.perf_counter() - t0
+        train.old_logprobs = original_old_logprobs
+    finally:
+        envs.close()
+    return dict(sampling=collect_s - clock["env"], environment=clock["env"], old_logprobs=clock["old_logprobs"],
+                update=update_s - clock["old_logprobs"], note=note, episodes=len(episodes),
+                new_tokens=sum(sum(e.agent_mask) for e in episodes),
+                tokens=sum(len(e.token_ids) for e, _ in kept), trained_tokens=upd["trained_tokens"],
+                reward=sum(e.reward for e in episodes) / len(episodes), flags=" ".join(flags))
+
+
+# ------------------------------------------------------------------------------- the figures
+
+
+def figure1_and_4(models, threads, env, rows, results):
+    n, micro = 6, 6  # the offline default's micro-batch, one minibatch
+    for name in models:
+        loop_r = in_fresh_process("loop_update_child", threads, env, model_name=name, n=n, micro=micro)
+        chunked = in_fresh_process("sft_step_child", threads, env, model_name=name, n=n, micro=micro, head="chunked")
+        full = in_fresh_process("sft_step_child", threads, env, model_name=name, n=n, micro=micro, head="full")
+        trl_r = in_fresh_process("trl_grpo_child", threads, env, model_name=name, n=n) if _trl_available() else \
+            {"error": "trl is not installed (pip install trl; an optional extra)"}
+        timed = in_fresh_process("loop_update_child", threads, model_name=name, n=n, micro=micro, time_it=True)
+        results[f"fig1_{name}"] = dict(loop=loop_r, sft_chunked=chunked, sft_full_logits=full, trl_grpo=trl_r, fig4=timed,
+                                       batch=f"{n} x {SEQ} tokens ({AGENT} agent), micro-batch {micro}, LoRA r=16, checkpointing")
+        what = f"{n}x{SEQ} tok"
+        rows.append(_row("1 memory", name, f"LOOP update / SFT step, same chunked log-probs ({what})",
+                         loop_r, chunked, "peak_mb", "<= 1.00", lambda r: r <= 1.0, unit="MB"))
+        rows.append(_row("1 memory", name, f"LOOP update / SFT step, HF full logits ({what})",
+                         loop_r, full, "peak_mb", "<= 1.00", lambda r: r <= 1.0, unit="MB"))
+        rows.append(_row("1 memory", name, f"LOOP update / TRL GRPO step, beta=0 ({what})",
+                         loop_r, trl_r, "peak_mb", "< 1.00", lambda r: r < 1.0, unit="MB"))
+        if "flops_per_s" in timed:
+            ratio = timed["flops_per_s"] / timed["matmul_flops_per_s"]
+            rows.append(dict(figure="4 learning", model=name,
+                             what=f"LOOP update FLOP/s / torch.mm fp32 FLOP/s ({timed['tokens_per_s']:.0f} tok/s, N={timed['N'] / 1e6:.1f}M)",
+                             value=f"{timed['flops_per_s'] / 1e9:.1f} GF/s", baseline=f"{timed['matmul_flops_per_s'] / 1e9:.1f} GF/s",
+                             ratio=ratio, goal=">= 0.40", met=round(ratio, 2) >= 0.4))
+        else:
+            rows.append(dict(figure="4 learning", model=name, what="LOOP update FLOP/s / torch.mm", value="error",
+                             baseline="", ratio=None, goal=">= 0.40", met=None))
+
+
+def _trl_available():
+    import importlib.util
+    return importlib.util.find_spec("trl") is not None
+
+
+def figure2(models, lengths, threads, env, rows, results):
+    for name in models:
+        for T in lengths[name]:
+            chunked = in_fresh_process("logprobs_child", threads, env, model_name=name, T=T, method="chunked")
+            full = in_fresh_process("logprobs_child", threads, env, model_name=name, T=T, method="full")
+            results[f"fig2_{name}_{T}"] = dict(chunked=chunked, full=full)
+            V = chunked.get("vocab", "?")
+            rows.append(_row("2 log-probs", name, f"token_logprobs / full log_softmax, memory above RSS before, fwd+bwd, T={T}, V={V}",
+                             chunked, full, "above_mb", "<= 0.10 at 8k" if T == 8192 else "",
+                             (lambda r: r <= 0.1) if T == 8192 else None, unit="MB"))
+            rows.append(_row("2 log-probs", name, f"  the same, time of forward+backward, T={T}",
+                             chunked, full, "seconds", "<= 1.20", lambda r: r <= 1.2, unit="s"))
+
+
+def figure3(models, settings, threads, rows, results):
+    for name in models:
+        s = settings[name]
+        r = in_fresh_process("sampling_child", threads, model_name=name, **s)
+        results[f"fig3_{name}"] = dict(r, settings=s)
+        if "error" in r:
+            rows.append(dict(figure="3 sampling", model=name, what="collect / generate b=1", value="error",
+                             baseline="", ratio=None, goal=">= 4 at 24", met=None))
+            continue
+        base = r["generate_b1"]
+        for count in s["episode_counts"]:
+            c = r[f"collect_{count}"]
+            ratio = c["tokens_per_s"] / base["tokens_per_s"]
+            rows.append(dict(figure="3 sampling", model=name,
+                             what=f"collect {count} episodes (K=6, {s['turns']} turns <= {s['max_new_tokens']} tok) / generate b=1",
+                             value=f"{c['tokens_per_s']:.0f} tok/s", baseline=f"{base['tokens_per_s']:.0f} tok/s",
+                             ratio=ratio, goal=">= 4.0" if count == 24 else "",
+                             met=(ratio >= 4.0) if count == 24 else None))
+
+
+def figure5(models, threads, rows, results):
+    port = 29500 + os.getpid() % 1000
+    for name, lora in models:
+        one = in_fresh_process("fsdp_child", threads, rank=0, world_size=1, port=port, model_name=name, lora=lora)
+        # Two ranks share the cores: each gets half the threads (as torchrun's OMP_NUM_THREADS=1 would).
+        two = in_fresh_processes("fsdp_child", [dict(rank=r, world_size=2, port=port, model_name=name, lora=lora)
+                                                for r in range(2)], max(1, threads // 2))
+        port += 1
+        setting = "LoRA" if lora else "full FT"
+        results[f"fig5_{name}_{setting}"] = dict(one_rank=one, two_ranks=two)
+        if "error" in one or any("error" in t for t in two):
+            rows.append(dict(figure="5 FSDP", model=name, what=f"bytes per rank, 2 ranks / 1 ({setting})",
+                             value="error", baseline="", ratio=None, goal="<= 0.55", met=None))
+            continue
+        total = lambda r: r["param_bytes"] + r["grad_bytes"] + r["optim_bytes"]
+        worst = max(total(t) for t in two)
+        ratio = worst / total(one)
+        rows.append(dict(figure="5 FSDP", model=name,
+                         what=f"param+grad+optim bytes per rank, 2 ranks / 1 rank ({setting})",
+                         value=f"{worst / 2**20:.1f} MB", baseline=f"{total(one) / 2**20:.1f} MB",
+                         ratio=ratio, goal="<= 0.55", met=ratio <= 0.55))
+
+
+def figure6(model_name, flags, threads, rows, results):
+    r = in_fresh_process("iteration_child", threads, model_name=model_name, flags=flags)
+    results[f"fig6_{model_name}"] = r
+    if "error" in r:
+        rows.append(dict(figure="6 iteration", model=model_name, what="time split", value="error", baseline="",
+                         ratio=None, goal="", met=None))
+        return
+    total = sum(r[k] for k in ("sampling", "environment", "old_logprobs", "update"))
+    for key in ("sampling", "environment", "old_logprobs", "update"):
+        rows.append(dict(figure="6 iteration", model=model_name, what=f"{key} / the iteration ({r['episodes']} episodes)",
+                         value=f"{r[key]:.1f} s", baseline=f"{total:.1f} s", ratio=r[key] / total, goal="", met=None,
+                         note=r["note"] if key == "update" else None))
+
+
+def _row(figure, model_name, what, a, b, key, goal, check, unit=""):
+    """A table row comparing a[key] / b[key]. Memory values show the total peak and, in brackets,
+    the part above the process's RSS before the step. A goal is judged on the ratio as printed
+    (2 decimals): RSS differs by a few MB between identical runs."""
+    if "error" in a or "error" in b or key not in a or key not in b:
+        why = (a.get("error") or b.get("error") or "missing")[-400:]
+        return dict(figure=figure, model=model_name, what=what, value="error", baseline="", ratio=None, goal=goal,
+                    met=None, error=why)
+    ratio = a[key] / b[key] if b[key] else float("nan")
+    if unit == "MB":
+        fmt = lambda r: f"{r['peak_mb']:.0f} MB (+{r['above_mb']:.0f})"
+    else:
+        fmt = lambda r: f"{r[key]:.2f} {unit}"
+    return dict(figure=figure, model=model_name, what=what, value=fmt(a), baseline=fmt(b), ratio=ratio,
+                goal=goal, met=check(round(ratio, 2)) if check else None)
+
+
+# ------------------------------------------------------------------------------------- main
+
+
+def machine(threads):
+    cpu = platform.processor() or "?"
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = re.search(r"model name\s*:\s*(.*)", f.read()).group(1)
+    except (OSError, AttributeError):
+        pass
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    device = torch.cuda.get_device_name() if CUDA else f"CPU {cpu}"
+    return dict(device=device, cores=os.cpu_count(), ram_gib=round(ram, 1), torch=torch.__version__,
+                threads=threads, python=platform.python_version())
+
+
+def print_table(rows):
+    header = ("figure", "model", "what (value / baseline)", "value", "baseline", "ratio", "goal", "met")
+    lines = [[r["figure"], r["model"], r["what"], r["value"], r["baseline"],
+              "-" if r["ratio"] is None else f"{r['ratio']:.2f}", r["goal"],
+              "" if r["met"] is None else ("yes" if r["met"] else "NO")] for r in rows]
+    print("| " + " | ".join(header) + " |")
+    print("|" + "|".join("---" for _ in header) + "|")
+    for line in lines:
+        print("| " + " | ".join(str(x) for x in line) + " |")
+    for r in rows:
+        if r.get("note"):
+            print(f"\n{r['figure']} {r['model']}: {r['note']}")
+        if r.get("error"):
+            print(f"\n{r['figure']} {r['model']} {r['what']}: error\n{r['error']}")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="a ~2 minute subset")
+    parser.add_argument("--only", default="1,2,3,4,5,6", help="comma-separated figures to run (4 comes with 1)")
+    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads in every process")
+    parser.add_argument("--models", default=None, help="comma-separated subset of tiny,smol (default: tiny with --quick, else both)")
+    parser.add_argument("--glibc-default", action="store_true", help="measure memory with glibc's default malloc settings")
+    parser.add_argument("--json", default="runs/bench.json", help="where to write the numbers")
+    args = parser.parse_args()
+    only = set(args.only.split(","))
+    q = args.quick
+    models = args.models.split(",") if args.models else (["tiny"] if q else ["tiny", "smol"])
+    info = machine(args.threads)
+    env = {} if args.glibc_default else MEMORY_ENV
+    print(f"machine: {info['device']}, {info['cores']} cores, {info['ram_gib']} GiB, torch {info['torch']}, "
+          f"{args.threads} threads per process, float32"
+          f"{'' if CUDA else f', peak RSS per fresh process, malloc env {env or None}'}", flush=True)
+    rows, results, started = [], {}, time.time()
+    timings = {}
+
+    def run(figure, fn, *a):
+        t0 = time.time()
+        fn(*a, rows, results)
+        timings[figure] = time.time() - t0
+        print(f"[bench] figure {figure} done in {timings[figure]:.0f} s", flush=True)
+
+    if only & {"1", "4"}:
+        run("1+4", figure1_and_4, models, args.threads, env)
+    if "2" in only:
+        lengths = {"tiny": [4096] if q else [1024, 4096, 8192], "smol": [1024]}
+        run("2", figure2, models, lengths, args.threads, env)
+    if "3" in only:
+        settings = {"tiny": dict(episode_counts=[6, 24], k=6, max_new_tokens=64, turns=2, sequential_episodes=6),
+                    "smol": dict(episode_counts=[6, 24], k=6, max_new_tokens=48, turns=2, sequential_episodes=6)}
+        run("3", figure3, models, settings, args.threads)
+    if "5" in only:
+        run("5", figure5, [(m, lora) for m in models for lora in ((False,) if q else (False, True) if m == "tiny" else (True,))],
+            args.threads)
+    if "6" in only:
+        # train.py's offline defaults (SmolLM2, mini-world, K=6, short prompt, 2 epochs, micro-batch 6), scaled down
+        flags = ["--tasks-per-iter", "1", "--env-workers", "3", "--max-interactions", "2", "--max-new-tokens", "48",
+                 "--minibatch", "6"] if q else \
+                ["--tasks-per-iter", "2", "--env-workers", "12", "--max-interactions", "2", "--max-new-tokens", "64",
+                 "--minibatch", "12"]
+        run("6", figure6, "smol" if "smol" in models else "tiny", flags, args.threads)
+
+    total = time.time() - started
+    print(f"\nbench {'--quick ' if q else ''}finished in {total:.0f} s ({', '.join(f'{k}: {v:.0f} s' for k, v in timings.items())})\n")
+    print_table(rows)
+    out = dict(machine=info, malloc_env=env, quick=q, seconds=total, figure_seconds=timings, rows=rows, raw=results,
+               command=" ".join(["python"] + sys.argv))
+    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+    with open(args.json, "w") as f:
+        json.dump(out, f, indent=1, default=str)
+    print(f"\nnumbers written to {args.json}")
+
+
+if __name__ == "__main__":
+    main()
