@@ -11,13 +11,16 @@ The figures (goal in brackets):
     micro-batching, gradient checkpointing). Two SFT baselines: the same chunked log-probs
     (model.token_logprobs, what our warm start does) and the plain HF way (`model(labels=...)`, full
     logits). The peer: one step of TRL's GRPOTrainer (beta=0, same model, LoRA, token counts;
-    its step includes generating the completions). [LOOP / SFT <= 1.00; LOOP below TRL]
+    its step includes generating the completions; its chunked LM head works in chunks of 32,768
+    tokens, so on this 3,072-token batch it is one chunk). [LOOP / SFT <= 1.00; LOOP below TRL]
  2. Chunked log-probs: peak memory and time of a forward + backward through model.token_logprobs
     / through log_softmax over the full (T, V) logits, at T = 1k, 4k, 8k, V = 49,152 (SmolLM2's
     tokenizer) on the tiny model. [memory <= 0.1 at 8k; time <= 1.2]
  3. Sampling: new tokens/s of rollout.collect running K=6 episodes of several tasks together / the
     same kind of episodes one at a time with plain HF `generate` (batch 1). The environment has the
-    EnvPool surface but answers instantly, so this measures sampling only. [>= 4x at 24 episodes]
+    EnvPool surface but answers instantly, so this measures sampling only. The share of the time
+    spent in prompt passes (prefill: each turn re-reads the whole conversation) is shown, because
+    batching speeds up only the one-token decode steps. [>= 4x at 24 episodes]
  4. Learning throughput: FLOP/s of a LOOP update / FLOP/s of a large float32 torch.mm, same process,
     same threads. FLOPs of an update = (2 old log-probs + 2 forward + 2 recompute + 2 input
     gradients + 2 weight gradients of trained dense weights) x N x T, where N = parameters on the
@@ -254,27 +257,21 @@ def matmul_flops(n=2048, min_seconds=1.0):
 
 def loop_update_child(model_name, n, micro, time_it=False):
     """One LOOP update through train.ppo_update (1 epoch, one minibatch of n, micro-batches of
-    `micro`): its peak memory; with time_it instead a second update, timed, its FLOP/s, and torch.mm's."""
+    `micro`): its peak memory and time; with time_it also its FLOP/s and torch.mm's."""
     model, tokenizer = load_model(model_name)
     episodes = synthetic_episodes(tokenizer, n)
     adv = advantages(episodes)
     args = train.Args(epochs=1, minibatch=n, micro_batch=micro, lr=1e-4)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
-
-    def update():
-        return train.ppo_update(model, opt, episodes, adv, episodes[0], args, 1, DEVICE)
-
-    stats, out = measured(update)
+    stats, out = measured(lambda: train.ppo_update(model, opt, episodes, adv, episodes[0], args, 1, DEVICE))
     assert stats["optimizer_steps"] == 1, stats
     if time_it:
-        _, timing = measured(update)  # the first update pays one-off costs (heap growth, optimizer state)
         tokens = n * SEQ
         N, dense_trained = trainable_path_params(model)
         flops = (8 * N + 2 * dense_trained) * tokens
-        out.update(tokens=tokens, N=N, dense_trained=dense_trained, update_seconds=timing["seconds"],
-                   tokens_per_s=tokens / timing["seconds"], flops_per_s=flops / timing["seconds"],
-                   matmul_flops_per_s=matmul_flops())
+        out.update(tokens=tokens, N=N, dense_trained=dense_trained, tokens_per_s=tokens / out["seconds"],
+                   flops_per_s=flops / out["seconds"], matmul_flops_per_s=matmul_flops())
     return out
 
 
@@ -394,6 +391,18 @@ def sampling_child(model_name, episode_counts, k, max_new_tokens, turns, sequent
     torch.manual_seed(0)
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     out = {}
+    clock = dict(prefill=0.0, decode=0.0)  # time in the model's forward: prompt passes vs one-token steps
+    forward = model.forward
+
+    def timed_forward(*a, **kw):
+        t0 = time.perf_counter()
+        try:
+            return forward(*a, **kw)
+        finally:
+            ids = kw.get("input_ids", a[0] if a else None)
+            clock["prefill" if ids is not None and ids.shape[1] > 1 else "decode"] += time.perf_counter() - t0
+
+    model.forward = timed_forward  # nn.Module.__call__ looks the instance attribute up first
 
     env = InstantEnv(1, turns)
     new_tokens, t0 = 0, time.perf_counter()
@@ -411,9 +420,10 @@ def sampling_child(model_name, episode_counts, k, max_new_tokens, turns, sequent
             ids = ids + new + ([] if new[-1] == eos else [eos]) + rollout.observation_ids(tokenizer, r.observation)
     seconds = time.perf_counter() - t0
     out["generate_b1"] = dict(episodes=sequential_episodes, new_tokens=new_tokens, seconds=seconds,
-                              tokens_per_s=new_tokens / seconds)
+                              tokens_per_s=new_tokens / seconds, **clock)
 
     for count in episode_counts:
+        clock.update(prefill=0.0, decode=0.0)
         env = InstantEnv(count, turns)
         tasks = [f"task_{i}" for i in range(count // k)]
         t0 = time.perf_counter()
@@ -421,7 +431,7 @@ def sampling_child(model_name, episode_counts, k, max_new_tokens, turns, sequent
         seconds = time.perf_counter() - t0
         new_tokens = sum(sum(e.agent_mask) for e in episodes)
         out[f"collect_{count}"] = dict(episodes=count, new_tokens=new_tokens, seconds=seconds,
-                                       tokens_per_s=new_tokens / seconds)
+                                       tokens_per_s=new_tokens / seconds, **clock)
     return out
 
 
@@ -587,7 +597,8 @@ def figure3(models, settings, threads, rows, results):
             c = r[f"collect_{count}"]
             ratio = c["tokens_per_s"] / base["tokens_per_s"]
             rows.append(dict(figure="3 sampling", model=name,
-                             what=f"collect {count} episodes (K=6, {s['turns']} turns <= {s['max_new_tokens']} tok) / generate b=1",
+                             what=f"collect {count} episodes (K=6, {s['turns']} turns <= {s['max_new_tokens']} tok) / generate b=1 "
+                                  f"(prefill {c['prefill'] / c['seconds']:.0%} / {base['prefill'] / base['seconds']:.0%} of the time)",
                              value=f"{c['tokens_per_s']:.0f} tok/s", baseline=f"{base['tokens_per_s']:.0f} tok/s",
                              ratio=ratio, goal=">= 4.0" if count == 24 else "",
                              met=(ratio >= 4.0) if count == 24 else None))
@@ -711,8 +722,8 @@ def main():
         lengths = {"tiny": [4096] if q else [1024, 4096, 8192], "smol": [1024]}
         run("2", figure2, models, lengths, args.threads, env)
     if "3" in only:
-        settings = {"tiny": dict(episode_counts=[6, 24], k=6, max_new_tokens=64, turns=2, sequential_episodes=6),
-                    "smol": dict(episode_counts=[6, 24], k=6, max_new_tokens=48, turns=2, sequential_episodes=6)}
+        settings = {"tiny": dict(episode_counts=[6, 24], k=6, max_new_tokens=160, turns=2, sequential_episodes=6),
+                    "smol": dict(episode_counts=[6, 24], k=6, max_new_tokens=64, turns=2, sequential_episodes=3)}
         run("3", figure3, models, settings, args.threads)
     if "5" in only:
         run("5", figure5, [(m, lora) for m in models for lora in ((False,) if q else (False, True) if m == "tiny" else (True,))],
@@ -721,8 +732,8 @@ def main():
         # train.py's offline defaults (SmolLM2, mini-world, K=6, short prompt, 2 epochs, micro-batch 6), scaled down
         flags = ["--tasks-per-iter", "1", "--env-workers", "3", "--max-interactions", "2", "--max-new-tokens", "48",
                  "--minibatch", "6"] if q else \
-                ["--tasks-per-iter", "2", "--env-workers", "12", "--max-interactions", "2", "--max-new-tokens", "64",
-                 "--minibatch", "12"]
+                ["--tasks-per-iter", "1", "--env-workers", "6", "--max-interactions", "2", "--max-new-tokens", "64",
+                 "--minibatch", "6"]
         run("6", figure6, "smol" if "smol" in models else "tiny", flags, args.threads)
 
     total = time.time() - started
