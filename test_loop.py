@@ -541,6 +541,20 @@ def test_model_token_logprobs_equal_full_log_softmax_and_gradients(chunk_size):
         assert (grads[n] - p.grad).abs().max() <= 1e-4 * p.grad.abs().max(), n
 
 
+def test_model_token_logprobs_at_chosen_positions_equal_the_full_ones_and_are_zero_elsewhere():
+    m, _ = _tiny()
+    ids, mask = _padded_batch()
+    full = model.token_logprobs(m, ids, mask)  # (B, T-1)
+    some = torch.rand(full.shape, generator=torch.Generator().manual_seed(0)) < 0.3  # (B, T-1)
+    part = model.token_logprobs(m, ids, mask, positions=some)  # (B, T-1)
+    valid = (mask[:, 1:] * mask[:, :-1]).bool() & some
+    torch.testing.assert_close(part[valid], full[valid], atol=1e-6, rtol=0)
+    assert (part[~valid] == 0).all()
+    nothing = model.token_logprobs(m, ids, mask, positions=torch.zeros_like(some))  # still differentiable
+    nothing.sum().backward()
+    assert (nothing == 0).all() and m.get_output_embeddings().weight.grad is not None
+
+
 def test_model_token_logprobs_reject_mismatched_shapes():
     m, _ = _tiny()
     with pytest.raises(ValueError, match="attention_mask"):

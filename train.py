@@ -294,7 +294,8 @@ def old_logprobs(model, batch: rollout.Batch, micro_batch: int, temperature: flo
     with torch.no_grad():
         for rows in torch.arange(len(old)).split(micro_batch):
             mb = batch.select(rows)  # padding columns of these rows cut
-            old[rows, :mb.agent_mask.shape[1]] = M.token_logprobs(model, mb.input_ids, mb.attention_mask, temperature)
+            old[rows, :mb.agent_mask.shape[1]] = M.token_logprobs(model, mb.input_ids, mb.attention_mask, temperature,
+                                                                   positions=mb.agent_mask)
     return old
 
 
@@ -333,7 +334,8 @@ def ppo_update(model, optimizer, episodes, advantages, spare, args: Args, world_
                     micro, scale = [0], 0.0
                 mb = batch.select(micro)
                 old_mb = old[micro, :mb.agent_mask.shape[1]]  # (b, T_mb-1)
-                logp = M.token_logprobs(model, mb.input_ids, mb.attention_mask, args.temperature)  # (b, T_mb-1)
+                logp = M.token_logprobs(model, mb.input_ids, mb.attention_mask, args.temperature,
+                                        positions=mb.agent_mask)  # (b, T_mb-1), 0 off the agent's tokens
                 loss, s = loop_loss(logp, old_mb, adv[micro], mb.agent_mask, eps=args.eps, level=args.level,
                                     clip=args.clip, turn_ids=mb.turn_ids, num_trajectories=max(n_global, 1) / world_size)
                 (loss * scale).backward()
@@ -456,7 +458,7 @@ def warm_start(model, tokenizer, envs, task_ids, args: Args, device, log, master
         chunks = torch.randperm(len(episodes)).split(args.micro_batch)
         for rows in tqdm(chunks, desc=f"warm start {epoch + 1}/{args.warm_start_epochs}", disable=not master, leave=False):
             mb = batch.select(rows)
-            logp = M.token_logprobs(model, mb.input_ids, mb.attention_mask)  # (b, T-1)
+            logp = M.token_logprobs(model, mb.input_ids, mb.attention_mask, positions=mb.agent_mask)  # (b, T-1)
             nll = -torch.where(mb.agent_mask, logp, 0.0).sum() / mb.agent_mask.sum().clamp_min(1)  # () per agent token
             nll.backward()
             torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
