@@ -137,10 +137,10 @@ class Args:
 # What `python train.py` means on a machine with no GPU: the same code, scaled to a 2-core CPU and
 # the mini-world. Flags given on the command line still win.
 OFFLINE_DEFAULTS = dict(
-    difficulties="1", prompt="short", k=6, tasks_per_iter=4, iterations=12, env_workers=12,
-    max_interactions=4, eval_max_interactions=4, max_new_tokens=160, max_obs_tokens=400,
-    max_seq_len=4096, minibatch=24, micro_batch=6, lr=2e-4, warm_start_epochs=3, eval_every=6,
-    save_every=6, lora_rank=16,
+    difficulties="1", prompt="short", k=6, tasks_per_iter=4, iterations=6, env_workers=24,
+    max_interactions=3, eval_max_interactions=3, max_new_tokens=128, max_obs_tokens=400,
+    max_seq_len=4096, minibatch=24, micro_batch=6, lr=5e-4, warm_start_epochs=5, eval_every=6,
+    save_every=3,
 )
 
 
