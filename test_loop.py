@@ -1081,3 +1081,48 @@ def test_train_help_lists_every_flag_with_its_docstring():
 def test_train_invalid_settings_fail_before_any_work_naming_the_flag(flags, named):
     with pytest.raises(SystemExit, match=named):
         train.validate(train.parse_args(["--model", "tiny", *flags]), world_size=1)
+
+
+def _fsdp_train_worker():
+    """Run by each of 2 processes under torchrun: 2 LOOP iterations of the tiny model (LoRA, FSDP2,
+    gradient checkpointing) on the mini-world, with evaluation. The advantages are forced so that
+    rank 0 keeps all 3 of its trajectories and rank 1 only 1: rank 1 must run zero-weight
+    micro-batches to keep step with rank 0's extra minibatch, or both hang."""
+    torch.set_num_threads(1)
+    real = train.advantages_for
+
+    def unequal(episodes, *a, **kw):
+        adv, _ = real(episodes, *a, **kw)
+        rank = int(os.environ["RANK"])
+        keep = [i < (len(episodes) if rank == 0 else 1) for i in range(len(episodes))]
+        return [0.5 if i % 2 else -0.5 for i in range(len(adv))], keep
+
+    train.advantages_for = unequal
+    history = train.main(["--model", "tiny", "--k", "3", "--tasks-per-iter", "2", "--minibatch", "4",
+                          "--micro-batch", "1", "--iterations", "2", "--env-workers", "2", "--max-new-tokens", "8",
+                          "--max-interactions", "2", "--eval-max-interactions", "2", "--eval-every", "2",
+                          "--prompt", "short", "--difficulties", "1", "--warm-start-epochs", "1",
+                          "--dist-timeout-s", "90", "--out-dir", os.environ["LOOP_TEST_OUT"]])
+    steps = [row["optimizer_steps"] for row in history if "optimizer_steps" in row]
+    print(f"rank {os.environ['RANK']} done {steps}", flush=True)
+
+
+def test_train_two_fsdp_ranks_with_unequal_survivors_finish(tmp_path):
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "LOOP_TEST_OUT": str(out)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
+           __file__, "fsdp-train-worker"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=400, env=env,
+                          cwd=os.path.dirname(os.path.abspath(__file__)))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    # 2 minibatches per epoch (rank 0's 3 trajectories at 2 per rank), 2 epochs: 4 steps per iteration
+    assert "rank 0 done [4, 4]" in proc.stdout and "rank 1 done [4, 4]" in proc.stdout, proc.stdout[-2000:]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in rows if "success" in r] == [1, 2]
+    assert {"train_tgc", "dev_tgc"} <= set(rows[-1]) and (out / "checkpoint.pt").exists()
+    assert (out / "final" / "config.json").exists()
+
+
+if __name__ == "__main__" and sys.argv[1:] == ["fsdp-train-worker"]:
+    _fsdp_train_worker()
+    sys.exit(0)

@@ -288,14 +288,19 @@ def advantages_for(episodes: list[rollout.Episode], k: int, estimator: str, thre
 
 
 def old_logprobs(model, batch: rollout.Batch, micro_batch: int, temperature: float) -> torch.Tensor:
-    """log pi_old of every token, recomputed by the training model before the first update (App. D):
-    the sampler's numbers (KV cache, batching) differ slightly from the trainer's."""
+    """log pi_old of every agent token, recomputed by the training model before the first update
+    (App. D): the sampler's numbers (KV cache, batching) differ slightly from the trainer's.
+    Every rank runs as many forward passes as the busiest one (FSDP's collectives); the extra
+    passes re-score row 0 and are thrown away."""
     old = torch.zeros_like(batch.sampler_logprobs)  # (B, T-1)
+    n_passes = all_max(math.ceil(len(old) / micro_batch))
     with torch.no_grad():
-        for rows in torch.arange(len(old)).split(micro_batch):
-            mb = batch.select(rows)  # padding columns of these rows cut
-            old[rows, :mb.agent_mask.shape[1]] = M.token_logprobs(model, mb.input_ids, mb.attention_mask, temperature,
-                                                                   positions=mb.agent_mask)
+        for i in range(n_passes):
+            rows = list(range(i * micro_batch, min((i + 1) * micro_batch, len(old))))  # may be empty
+            mb = batch.select(rows if len(rows) else [0])  # padding columns of these rows cut
+            logp = M.token_logprobs(model, mb.input_ids, mb.attention_mask, temperature, positions=mb.agent_mask)
+            if len(rows):
+                old[rows, :mb.agent_mask.shape[1]] = logp  # (b, T_mb-1)
     return old
 
 
