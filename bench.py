@@ -671,7 +671,7 @@ def machine(threads):
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     device = torch.cuda.get_device_name() if CUDA else f"CPU {cpu}"
     return dict(device=device, cores=os.cpu_count(), ram_gib=round(ram, 1), torch=torch.__version__,
-                threads=threads, python=platform.python_version())
+                threads=threads, python=platform.python_version(), load_average=os.getloadavg())
 
 
 def print_table(rows):
@@ -705,7 +705,7 @@ def main():
     info = machine(args.threads)
     env = {} if args.glibc_default else MEMORY_ENV
     print(f"machine: {info['device']}, {info['cores']} cores, {info['ram_gib']} GiB, torch {info['torch']}, "
-          f"{args.threads} threads per process, float32"
+          f"{args.threads} threads per process, float32, load average {info['load_average'][0]:.1f}"
           f"{'' if CUDA else f', peak RSS per fresh process, malloc env {env or None}'}", flush=True)
     rows, results, started = [], {}, time.time()
     timings = {}
@@ -737,7 +737,8 @@ def main():
         run("6", figure6, "smol" if "smol" in models else "tiny", flags, args.threads)
 
     total = time.time() - started
-    print(f"\nbench {'--quick ' if q else ''}finished in {total:.0f} s ({', '.join(f'{k}: {v:.0f} s' for k, v in timings.items())})\n")
+    info["load_average_end"] = os.getloadavg()  # other work on the CPU slows the measurements down
+    print(f"\nbench {'--quick ' if q else ''}finished in {total:.0f} s, load average now {info['load_average_end'][0]:.1f} ({', '.join(f'{k}: {v:.0f} s' for k, v in timings.items())})\n")
     print_table(rows)
     out = dict(machine=info, malloc_env=env, quick=q, seconds=total, figure_seconds=timings, rows=rows, raw=results,
                command=" ".join(["python"] + sys.argv))
