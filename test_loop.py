@@ -1126,3 +1126,13 @@ def test_train_two_fsdp_ranks_with_unequal_survivors_finish(tmp_path):
 if __name__ == "__main__" and sys.argv[1:] == ["fsdp-train-worker"]:
     _fsdp_train_worker()
     sys.exit(0)
+
+
+def test_bench_fsdp_halves_the_state_each_of_two_ranks_holds(tmp_path):
+    """bench.py's figure 5 as a smoke test of the bench itself: bytes, not seconds, so it is exact."""
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, "bench.py", "--quick", "--only", "5", "--json", str(out)],
+                          capture_output=True, text=True, timeout=300, cwd=os.path.dirname(os.path.abspath(__file__)))
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["figure"] == "5 FSDP" and row["ratio"] <= 0.55 and row["met"]

@@ -139,7 +139,7 @@ class Args:
 OFFLINE_DEFAULTS = dict(
     difficulties="1", prompt="short", k=6, tasks_per_iter=4, iterations=6, env_workers=24,
     max_interactions=3, eval_max_interactions=3, max_new_tokens=128, max_obs_tokens=400,
-    max_seq_len=4096, minibatch=24, micro_batch=6, lr=5e-4, warm_start_epochs=5, eval_every=6,
+    max_seq_len=4096, minibatch=24, micro_batch=6, warm_start_epochs=5, eval_every=6,
     save_every=3,
 )
 
