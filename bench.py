@@ -42,7 +42,6 @@ Threads: --threads (default: all cores) in every process, baselines included.
 import argparse
 import gc
 import json
-import math
 import multiprocessing as mp
 import os
 import platform
