@@ -237,14 +237,13 @@ def loop_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, 
 
     with torch.no_grad():
         log_r = torch.where(mask, logp - old_logp, 0.0)  # (B, T) token log-ratios
-        r = torch.where(mask, w, 1.0)  # (B, T) the weights actually used
         n = mask.sum().clamp_min(1)  # ()
         clipped = mask & (objective < w * advantages.reshape(-1, 1))  # (B, T): the min took g_eps(A)
         stats = LossStats(
             approx_kl=torch.where(mask, log_r.exp() - 1 - log_r, 0.0).sum() / n,  # http://joschu.net/blog/kl-approx.html
             clip_frac=clipped.sum() / n,
-            ratio_mean=torch.where(mask, r, 0.0).sum() / n,
-            ratio_max=torch.where(mask, r, -torch.inf).max() if mask.any() else r.new_ones(()),
+            ratio_mean=torch.where(mask, w, 0.0).sum() / n,
+            ratio_max=torch.where(mask, w, -torch.inf).max() if mask.any() else w.new_ones(()),
             agent_tokens=mask.sum(),
         )
     return loss, stats
