@@ -1061,6 +1061,27 @@ def test_train_a_killed_worker_fails_its_episode_and_the_iteration_completes(tmp
     assert history[-1]["iteration"] == 1 and history[-1]["env_failed"] == 1
 
 
+def test_train_warm_start_learns_the_scripted_tokens_and_resume_skips_it(tmp_path, pool, world_root, monkeypatch):
+    tasks = env.load_task_ids("train", world_root, difficulties=(1,))[:2]
+    _, tok = _tiny()
+    episodes = train.scripted_episodes(tok, pool, tasks, world_root)
+    assert [e.task_id for e in episodes] == tasks and all(e.success for e in episodes)
+    for e in episodes:  # the agent tokens are exactly the script's turns, each closed by <|im_end|>
+        want = [tok.encode(turn, add_special_tokens=False) + [tok.eos_token_id] for turn in env.solution(e.task_id, world_root)]
+        assert _runs(e) == want
+    saved, real_save = [], train.save_checkpoint
+    monkeypatch.setattr(train, "save_checkpoint", lambda path, *a: (saved.append(a[-2]), real_save(path, *a)))
+    flags = ["--model", "tiny", "--lora-rank", "0", "--k", "2", "--tasks-per-iter", "1", "--minibatch", "2",
+             "--micro-batch", "2", "--max-new-tokens", "4", "--eval-every", "0", "--warm-start-epochs", "3",
+             "--warm-start-lr", "1e-2", "--out-dir", str(tmp_path / "ws"), "--prompt", "short"]
+    history = train.main(flags + ["--iterations", "1"], envs=pool, train_tasks=tasks, eval_tasks=tasks)
+    nll = [row["nll"] for row in history if row.get("phase") == "warm_start"]
+    assert len(nll) == 3 and nll[2] < nll[0] / 2, nll
+    assert saved == [0, 1]  # the warm start is checkpointed before the first iteration
+    history = train.main(flags + ["--iterations", "2", "--resume"], envs=pool, train_tasks=tasks, eval_tasks=tasks)
+    assert [row.get("phase") for row in history] == [None] and history[0]["iteration"] == 2
+
+
 def test_train_help_lists_every_flag_with_its_docstring():
     out = subprocess.run([sys.executable, "train.py", "--help"], capture_output=True, text=True, timeout=120,
                          cwd=os.path.dirname(os.path.abspath(__file__)))

@@ -139,7 +139,7 @@ class Args:
 OFFLINE_DEFAULTS = dict(
     difficulties="1", prompt="short", k=6, tasks_per_iter=4, iterations=6, env_workers=24,
     max_interactions=3, eval_max_interactions=3, max_new_tokens=128, max_obs_tokens=400,
-    max_seq_len=4096, minibatch=24, micro_batch=6, warm_start_epochs=5, eval_every=6,
+    max_seq_len=4096, minibatch=12, micro_batch=6, lr=1e-4, warm_start_epochs=4, eval_every=6,
     save_every=3,
 )
 
@@ -365,6 +365,19 @@ def ppo_update(model, optimizer, episodes, advantages, spare, args: Args, world_
     return stats
 
 
+def summary(history: list[dict]) -> str:
+    """The run at a glance, printed at the end: the reward curve and the evaluations."""
+    its = [r for r in history if "iteration" in r and "phase" not in r]
+    lines = ["iteration  reward  success  filtered  approx_kl"]
+    lines += [f"{r['iteration']:9d}  {r['reward']:6.3f}  {r['success']:7.3f}  {r['filtered']:8.2f}  {r['approx_kl']:9.4f}"
+              for r in its]
+    for r in history:
+        if r.get("phase") == "eval":
+            scores = "  ".join(f"{k} {v:.3f}" for k, v in r.items() if k.endswith(("_tgc", "_sgc", "_reward")))
+            lines.append(f"eval after iteration {r.get('iteration', 0)}: {scores}")
+    return "\n".join(lines)
+
+
 def model_pad_id(model) -> int:
     return model.config.pad_token_id if model.config.pad_token_id is not None else model.config.eos_token_id
 
@@ -381,7 +394,7 @@ def evaluate(model, tokenizer, envs, splits: dict[str, list[str]], args: Args, r
     """Greedy, one episode per task, each rank its share; AppWorld's TGC and SGC per split."""
     model.eval()  # HF turns the KV cache off in train mode with gradient checkpointing
     limit, envs.max_interactions = envs.max_interactions, args.eval_max_interactions
-    metrics = {}
+    metrics, t0 = {}, time.time()
     try:
         for split, task_ids in splits.items():
             # every rank calls collect, even with no tasks: its forward passes are FSDP collectives
@@ -394,7 +407,7 @@ def evaluate(model, tokenizer, envs, splits: dict[str, list[str]], args: Args, r
                             f"{split}_reward": sum(r for _, _, r in done) / len(done)})
     finally:
         envs.max_interactions = limit
-    return metrics
+    return {**metrics, "eval_s": time.time() - t0}
 
 
 def save_checkpoint(path: Path, model, optimizer, args: Args, iteration: int, master: bool) -> None:
@@ -459,7 +472,7 @@ def warm_start(model, tokenizer, envs, task_ids, args: Args, device, log, master
     opt = torch.optim.AdamW(params, lr=args.warm_start_lr, weight_decay=0.0)
     batch = rollout.collate(episodes, model_pad_id(model)).to(device)
     for epoch in range(args.warm_start_epochs):
-        total = 0.0
+        total, t0 = 0.0, time.time()
         chunks = torch.randperm(len(episodes)).split(args.micro_batch)
         for rows in tqdm(chunks, desc=f"warm start {epoch + 1}/{args.warm_start_epochs}", disable=not master, leave=False):
             mb = batch.select(rows)
@@ -470,7 +483,7 @@ def warm_start(model, tokenizer, envs, task_ids, args: Args, device, log, master
             opt.step()
             opt.zero_grad(set_to_none=True)
             total += nll.item() * len(rows)
-        log(dict(phase="warm_start", epoch=epoch + 1, episodes=len(episodes), nll=total / len(episodes)))
+        log(dict(phase="warm_start", epoch=epoch + 1, episodes=len(episodes), nll=total / len(episodes), seconds=time.time() - t0))
 
 
 def main(argv=None, envs=None, train_tasks=None, eval_tasks=None) -> list[dict]:
@@ -492,10 +505,6 @@ def main(argv=None, envs=None, train_tasks=None, eval_tasks=None) -> list[dict]:
             with open(out / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(row) + "\n")
 
-    if device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
-        # Leave a core to the environment workers: torch's threads spin-wait, and with every core
-        # taken a 2-thread matmul ran 15x slower here than a 1-thread one (DESIGN.md 6).
-        torch.set_num_threads(max(1, (os.cpu_count() or 2) - 1))
     seed_everything(args.seed + rank)
     dtype = {"auto": None, "bfloat16": torch.bfloat16, "float32": torch.float32}[args.dtype]
     name = args.checkpoint if args.eval_only and args.checkpoint else args.model
@@ -537,6 +546,7 @@ def main(argv=None, envs=None, train_tasks=None, eval_tasks=None) -> list[dict]:
             start = load_checkpoint(out / "checkpoint.pt", model, optimizer)
         elif args.warm_start_epochs > 0:  # every rank the same data: the same number of FSDP passes
             warm_start(model, tokenizer, envs, train_tasks, args, device, log, master)
+            save_checkpoint(out / "checkpoint.pt", model, optimizer, args, 0, master)  # --resume skips it
         eval_splits = {"train": train_tasks, args.eval_split: eval_tasks}
         if args.eval_every and start == 0:
             log(dict(phase="eval", iteration=0, **evaluate(model, tokenizer, envs, eval_splits, args, rank, world_size)))
@@ -581,6 +591,8 @@ def main(argv=None, envs=None, train_tasks=None, eval_tasks=None) -> list[dict]:
             if (it + 1) % args.save_every == 0 or it + 1 == args.iterations:
                 save_checkpoint(out / "checkpoint.pt", model, optimizer, args, it + 1, master)
         M.save(model, tokenizer, out / "final")
+        if master:
+            print(summary(history))
         return history
     finally:
         if own_envs:
