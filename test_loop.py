@@ -555,6 +555,19 @@ def test_model_token_logprobs_at_chosen_positions_equal_the_full_ones_and_are_ze
     assert (nothing == 0).all() and m.get_output_embeddings().weight.grad is not None
 
 
+def test_model_bf16_trunk_logprobs_are_float32_close_to_float32_and_train_the_same_parameters():
+    m, _ = _tiny()
+    ids, mask = _padded_batch()
+    valid = (mask[:, 1:] * mask[:, :-1]).bool()  # (B, T-1)
+    ref = model.token_logprobs(m, ids, mask, temperature=0.7)  # (B, T-1)
+    lp = model.token_logprobs(m, ids, mask, temperature=0.7, bf16_trunk=True)  # (B, T-1)
+    assert lp.dtype == torch.float32 and (lp[~valid] == 0).all()
+    err = (lp - ref)[valid].abs()
+    assert 0 < err.max() < 0.02 * ref[valid].abs().mean(), err.max()  # bfloat16: 8 significant bits, not 24
+    lp.sum().backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in m.parameters() if p.requires_grad)
+
+
 def test_model_token_logprobs_reject_mismatched_shapes():
     m, _ = _tiny()
     with pytest.raises(ValueError, match="attention_mask"):
@@ -1080,6 +1093,18 @@ def test_train_warm_start_learns_the_scripted_tokens_and_resume_skips_it(tmp_pat
     assert saved == [0, 1]  # the warm start is checkpointed before the first iteration
     history = train.main(flags + ["--iterations", "2", "--resume"], envs=pool, train_tasks=tasks, eval_tasks=tasks)
     assert [row.get("phase") for row in history] == [None] and history[0]["iteration"] == 2
+
+
+def test_train_task_draws_visit_every_task_once_per_pass():
+    tasks = [f"t{i}" for i in range(7)]
+    draws = [train.tasks_for(it, tasks, 3, seed=5) for it in range(7)]  # 21 draws = 3 passes of 7
+    stream = [t for d in draws for t in d]
+    assert all(len(d) == 3 for d in draws)
+    for p in range(3):
+        assert sorted(stream[7 * p:7 * (p + 1)]) == tasks
+    assert stream[:7] != stream[7:14]  # each pass its own order
+    assert draws == [train.tasks_for(it, tasks, 3, seed=5) for it in range(7)]  # a function of (it, seed): resumable
+    assert train.tasks_for(0, tasks, 3, seed=6) != draws[0]
 
 
 def test_train_help_lists_every_flag_with_its_docstring():
