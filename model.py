@@ -341,7 +341,7 @@ def token_logprobs(model, input_ids, attention_mask, temperature=1.0, chunk_size
 
     bf16_trunk: run the transformer trunk under bfloat16 autocast, for float32 weights on a device
     with fast bfloat16 (GPUs; CPUs with AVX512-BF16 or AMX, see `fast_bf16`): SmolLM2's forward +
-    backward is ~2.5x faster on this repo's CPU. The LM head and the log-softmax stay in the
+    backward is ~2x faster on this repo's CPU. The LM head and the log-softmax stay in the
     weights' dtype, so the log-probs keep float32's resolution where PPO's ratios are taken.
     """
     if input_ids.dim() != 2 or input_ids.shape != attention_mask.shape:

@@ -214,7 +214,8 @@ def sample(model, prompts, budgets, *, eos_id, pad_id, temperature=1.0, greedy=F
     for i, (p, n) in enumerate(zip(prompts, cached)):
         passes.setdefault(("shared", tuple(p)) if n == 0 else ("row", i), []).append(i)
     states, last_logits = [None] * B, [None] * B
-    for j, rows in enumerate(list(passes.values()) + [None] * ((_most(len(passes)) if synced else 0) - len(passes))):
+    n_passes = _most(len(passes)) if synced else len(passes)
+    for rows in list(passes.values()) + [None] * (n_passes - len(passes)):
         if rows is None:  # this rank has fewer passes than another: take part in its collectives
             model(input_ids=torch.full((1, 1), pad_id, device=device), use_cache=True, logits_to_keep=1)
             continue

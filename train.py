@@ -130,7 +130,7 @@ class Args:
     """'auto' (bf16 on GPU, float32 on CPU), 'bfloat16' or 'float32'"""
     bf16_autocast: bool = False
     """run the transformer trunk of the training passes under bfloat16 autocast (float32 weights on a
-    CPU with AVX512-BF16/AMX: ~2.5x faster; on by default offline when the CPU has them)"""
+    CPU with AVX512-BF16/AMX: ~2x faster; on by default offline when the CPU has them)"""
     dist_timeout_s: int = 1800
     """seconds a collective may wait before the process group gives up"""
     world_size: int = field(default=1, metadata={"runtime": True})
@@ -139,8 +139,8 @@ class Args:
 
 # What `python train.py` means on a machine with no GPU: the same code, scaled to a 2-core CPU and
 # the mini-world. Flags given on the command line still win. Temperature 0.7: after the warm start,
-# SmolLM2-135M's samples at T=1 are mostly broken code (18% success on the training tasks, 56% at
-# 0.7). Gradient checkpointing off: a 135M model's activations fit, and it saves 20% of the time.
+# SmolLM2-135M's samples at T=1 are mostly broken code (18% success on the training tasks, 33-56%
+# at 0.7). Gradient checkpointing off: a 135M model's activations fit, and it saves ~20% of the time.
 OFFLINE_DEFAULTS = dict(
     difficulties="1", prompt="short", k=4, tasks_per_iter=6, iterations=6, env_workers=24,
     max_interactions=3, eval_max_interactions=3, max_new_tokens=128, max_obs_tokens=400,
