@@ -1042,6 +1042,12 @@ def test_train_resume_continues_exactly(tmp_path):
         assert torch.equal(a["model"][key], b["model"][key]), key
     from transformers import AutoModelForCausalLM
     AutoModelForCausalLM.from_pretrained(tmp_path / "resumed" / "final")  # the export opens as a plain HF model
+    # a flag given with --resume wins over the lr saved in the optimizer's state: at lr 0 nothing moves
+    _toy_run(tmp_path, 5, "--resume", "--lr", "0", "--weight-decay", "0", name="resumed")
+    c = torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=False)
+    assert c["iteration"] == 5 and c["optimizer"]["param_groups"][0]["lr"] == 0
+    for key in b["model"]:
+        assert torch.equal(b["model"][key], c["model"][key]), key
 
 
 def test_train_a_killed_worker_fails_its_episode_and_the_iteration_completes(tmp_path, pool, world_root):

@@ -446,11 +446,17 @@ def save_checkpoint(path: Path, model, optimizer, args: Args, iteration: int, ma
 
 
 def load_checkpoint(path: Path, model, optimizer) -> int:
-    """Restore trainable weights and optimizer state on every rank; returns the next iteration."""
+    """Restore trainable weights and optimizer state on every rank; returns the next iteration.
+
+    The optimizer's moments come from the checkpoint, its hyperparameters from this run's flags:
+    a saved state dict carries the old lr, and `--resume --lr 0` must mean lr 0."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
     ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    flags = [{k: g[k] for k in ("lr", "weight_decay")} for g in optimizer.param_groups]
     set_state_dict(model, optimizer, model_state_dict=ckpt["model"], optim_state_dict=ckpt["optimizer"],
                    options=StateDictOptions(full_state_dict=True, strict=False))
+    for group, f in zip(optimizer.param_groups, flags):
+        group.update(f)
     return ckpt["iteration"]
 
 
