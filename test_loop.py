@@ -1042,10 +1042,11 @@ def test_train_resume_continues_exactly(tmp_path):
         assert torch.equal(a["model"][key], b["model"][key]), key
     from transformers import AutoModelForCausalLM
     AutoModelForCausalLM.from_pretrained(tmp_path / "resumed" / "final")  # the export opens as a plain HF model
-    # a flag given with --resume wins over the lr saved in the optimizer's state: at lr 0 nothing moves
-    _toy_run(tmp_path, 5, "--resume", "--lr", "0", "--weight-decay", "0", name="resumed")
+    # flags given with --resume win over the hyperparameters saved in the optimizer's state: at lr 0 nothing moves
+    _toy_run(tmp_path, 5, "--resume", "--lr", "0", "--weight-decay", "0", "--adam-eps", "1e-3", name="resumed")
     c = torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=False)
-    assert c["iteration"] == 5 and c["optimizer"]["param_groups"][0]["lr"] == 0
+    group = c["optimizer"]["param_groups"][0]
+    assert c["iteration"] == 5 and group["lr"] == 0 and group["eps"] == 1e-3
     for key in b["model"]:
         assert torch.equal(b["model"][key], c["model"][key]), key
 

@@ -91,6 +91,8 @@ class Args:
     """AdamW learning rate, constant"""
     weight_decay: float = 0.01
     """AdamW weight decay"""
+    adam_eps: float = 1e-8
+    """AdamW epsilon. Near the size of a typical gradient entry (~1e-4 for the offline LoRA), entries with small, noisy gradients move in proportion to them instead of by about lr each"""
     grad_clip: float = 1.0
     """clip the gradient norm to this"""
     temperature: float = 1.0
@@ -449,10 +451,10 @@ def load_checkpoint(path: Path, model, optimizer) -> int:
     """Restore trainable weights and optimizer state on every rank; returns the next iteration.
 
     The optimizer's moments come from the checkpoint, its hyperparameters from this run's flags:
-    a saved state dict carries the old lr, and `--resume --lr 0` must mean lr 0."""
+    a saved state dict carries the old lr and eps, and `--resume --lr 0` must mean lr 0."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
     ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    flags = [{k: g[k] for k in ("lr", "weight_decay")} for g in optimizer.param_groups]
+    flags = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]  # lr, eps, ...
     set_state_dict(model, optimizer, model_state_dict=ckpt["model"], optim_state_dict=ckpt["optimizer"],
                    options=StateDictOptions(full_state_dict=True, strict=False))
     for group, f in zip(optimizer.param_groups, flags):
@@ -569,7 +571,7 @@ def main(argv=None, envs=None, train_tasks=None, eval_tasks=None) -> list[dict]:
             return history
 
         params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+        optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, eps=args.adam_eps)
         start = 0
         if args.resume and (out / "checkpoint.pt").exists():
             start = load_checkpoint(out / "checkpoint.pt", model, optimizer)
