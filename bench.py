@@ -504,7 +504,7 @@ def iteration_child(model_name, flags, warm_slots=True):
         original_old_logprobs = train.old_logprobs
         train.old_logprobs = timed(original_old_logprobs, "old_logprobs")  # ppo_update looks it up here
         params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+        optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, eps=args.adam_eps)
         train.seed_everything(args.seed)
         draw = random.Random(args.seed * 7919).sample(tasks, min(args.tasks_per_iter, len(tasks)))
         t0 = time.perf_counter()
