@@ -62,6 +62,10 @@ class Args:
     """turns per training episode"""
     env_workers: int = 32
     """AppWorld worker processes per rank: the number of episodes sampled at once"""
+    sample_gathered: bool = True
+    """under FSDP, hold the full weights on every rank while sampling (one all-gather per phase; needs a
+    whole copy per GPU, 64 GB for Qwen2.5-32B in bf16). --no-sample-gathered all-gathers layer by layer
+    at every decoding step instead: slower, but leaves the memory to the KV cache"""
     prompt: str = "full"
     """'full' ReAct instructions with a worked demonstration, or 'short' for small models"""
     # --- LOOP
@@ -429,7 +433,7 @@ def evaluate(model, tokenizer, envs, splits: dict[str, list[str]], args: Args, r
             # every rank calls collect, even with no tasks: its forward passes are FSDP collectives
             episodes = rollout.collect(model, tokenizer, envs, my_share(task_ids, rank, world_size), 1, greedy=True,
                                        max_new_tokens=args.max_new_tokens, max_seq_len=args.max_seq_len,
-                                       progress=rank == 0)
+                                       gather_weights=args.sample_gathered, progress=rank == 0)
             done = all_gather_list([(e.task_id, e.success, e.reward) for e in episodes])
             scores = appworld_env.task_metrics([t for t, _, _ in done], [s for _, s, _ in done])
             metrics.update({f"{split}_tgc": scores["tgc"], f"{split}_sgc": scores["sgc"],
@@ -598,7 +602,7 @@ def main(argv=None, envs=None, train_tasks=None, eval_tasks=None) -> list[dict]:
             model.eval()  # HF turns the KV cache off in train mode with gradient checkpointing
             episodes = rollout.collect(model, tokenizer, envs, mine, args.k, temperature=args.temperature,
                                        max_new_tokens=args.max_new_tokens, max_seq_len=args.max_seq_len,
-                                       progress=master)
+                                       gather_weights=args.sample_gathered, progress=master)
             t_sample = time.time() - t0
             # ---- 3. leave-one-out advantages and the |A| filter (ALGO LOGIC lives in loop.py)
             adv, keep = advantages_for(episodes, args.k, args.estimator, args.adv_threshold)
