@@ -2,7 +2,7 @@
 
 The paper's run (Chen et al. 2025, arXiv 2502.01600), real AppWorld data, one 8-GPU node:
     APPWORLD_ROOT=/path/with/data torchrun --nproc_per_node 8 train.py --model Qwen/Qwen2.5-32B-Instruct
-The offline default (the mini-world, SmolLM2-135M, this CPU), in minutes:
+The offline default (the mini-world, SmolLM2-135M, a CPU; ~36 min on 2 cores with AMX):
     python train.py
 Evaluation only:
     python train.py --eval-only --split test_normal --checkpoint runs/loop/final
@@ -64,8 +64,8 @@ class Args:
     """AppWorld worker processes per rank: the number of episodes sampled at once"""
     sample_gathered: bool = True
     """under FSDP, hold the full weights on every rank while sampling (one all-gather per phase; needs a
-    whole copy per GPU, 64 GB for Qwen2.5-32B in bf16). --no-sample-gathered all-gathers layer by layer
-    at every decoding step instead: slower, but leaves the memory to the KV cache"""
+    whole copy per GPU, 64 GB for Qwen2.5-32B in bf16). Turned off, every decoding step all-gathers
+    layer by layer instead: slower, but leaves the memory to the KV cache"""
     prompt: str = "full"
     """'full' ReAct instructions with a worked demonstration, or 'short' for small models"""
     # --- LOOP
