@@ -1172,6 +1172,8 @@ def test_train_two_fsdp_ranks_with_unequal_survivors_finish(tmp_path):
     assert "rank 0 done [4, 4]" in proc.stdout and "rank 1 done [4, 4]" in proc.stdout, proc.stdout[-2000:]
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["iteration"] for r in rows if "success" in r] == [1, 2]
+    for r in (r for r in rows if "success" in r):  # per-task successes, gathered from both ranks: 2 tasks x K=3
+        assert len(r["task_successes"]) == 2 and sum(r["task_successes"].values()) == round(r["success"] * 6)
     assert {"train_tgc", "dev_tgc"} <= set(rows[-1]) and (out / "checkpoint.pt").exists()
     assert (out / "final" / "config.json").exists()
 

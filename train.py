@@ -615,6 +615,7 @@ def main(argv=None, envs=None, train_tasks=None, eval_tasks=None) -> list[dict]:
             t_learn = time.time() - t0
             # ---- 5. log
             n = all_sum(len(episodes))
+            outcomes = all_gather_list([(e.task_id, int(e.success)) for e in episodes])  # every rank's (task, 0/1)
             row = dict(
                 iteration=it + 1,
                 task_pass=it * args.tasks_per_iter // len(train_tasks) + 1,  # which pass over the training tasks
@@ -624,6 +625,7 @@ def main(argv=None, envs=None, train_tasks=None, eval_tasks=None) -> list[dict]:
                 env_failed=all_sum(sum(e.end_reason == "env_failed" for e in episodes)),
                 turns=all_sum(sum(e.num_turns for e in episodes)) / n,
                 **upd, sample_s=t_sample, learn_s=t_learn,
+                task_successes={t: sum(s for u, s in outcomes if u == t) for t in draw},  # successes of K per task
             )
             log(row)
             bar.set_postfix(reward=f"{row['reward']:.3f}", success=f"{row['success']:.2f}", kl=f"{row['approx_kl']:.4f}")
