@@ -31,6 +31,10 @@ The figures (goal in brackets):
     1 rank, after one step. [<= 0.55]
  6. Where one offline-default iteration's time goes (SmolLM2 on the mini-world, small settings):
     sampling vs environment (EnvPool.reset/step, wrapped) vs old log-probs vs the PPO update.
+ 7. bfloat16 autocast (train.py's --bf16-autocast, on by default where model.fast_bf16 says so):
+    time of one LOOP update (the figure 1 batch) with the trunk under bf16 autocast / in float32,
+    each the second of two updates in its process (the first pays for building the kernels).
+    [< 1.00 for SmolLM2 where fast_bf16; none for the tiny model, whose cost is its float32 LM head]
 
 Memory: every measurement runs in a fresh spawned process. On CPU it is the peak RSS of that
 process during the measured step (Linux: /proc/self/clear_refs resets VmHWM after set-up), shown
@@ -531,6 +535,29 @@ def iteration_child(model_name, flags, warm_slots=True):
                 reward=sum(e.reward for e in episodes) / len(episodes), flags=" ".join(flags))
 
 
+# ------------------------------------------------------------------------- figure 7: children
+
+
+def autocast_child(model_name, n, micro, bf16):
+    """Seconds of the second of two LOOP updates (1 epoch, one minibatch of n) with the trunk under
+    bfloat16 autocast or not; the first builds the kernels (oneDNN's bf16 ones take seconds)."""
+    model, tokenizer = load_model(model_name)
+    episodes = synthetic_episodes(tokenizer, n)
+    adv = advantages(episodes)
+    args = train.Args(epochs=1, minibatch=n, micro_batch=micro, lr=1e-4, bf16_autocast=bf16)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+    seconds = []
+    for _ in range(2):
+        t0 = time.perf_counter()
+        stats = train.ppo_update(model, opt, episodes, adv, episodes[0], args, 1, DEVICE)
+        if CUDA:
+            torch.cuda.synchronize()
+        seconds.append(time.perf_counter() - t0)
+        assert stats["optimizer_steps"] == 1, stats
+    return dict(seconds=seconds[-1], first_seconds=seconds[0], fast_bf16=M.fast_bf16(DEVICE))
+
+
 # ------------------------------------------------------------------------------- the figures
 
 
@@ -640,6 +667,18 @@ def figure6(model_name, flags, threads, rows, results):
                          note=r["note"] if key == "update" else None))
 
 
+def figure7(models, threads, rows, results):
+    n, micro = 6, 6  # figure 1's batch
+    for name in models:
+        bf16 = in_fresh_process("autocast_child", threads, model_name=name, n=n, micro=micro, bf16=True)
+        fp32 = in_fresh_process("autocast_child", threads, model_name=name, n=n, micro=micro, bf16=False)
+        results[f"fig7_{name}"] = dict(bf16=bf16, float32=fp32)
+        # The tiny model's cost is its float32 LM head (49k x 64), which autocast leaves alone: no goal there.
+        goal = M.fast_bf16(DEVICE) and name != "tiny"
+        rows.append(_row("7 bf16", name, f"LOOP update time, bf16 autocast / float32 ({n}x{SEQ} tok; fast_bf16={M.fast_bf16(DEVICE)})",
+                         bf16, fp32, "seconds", "< 1.00" if goal else "", (lambda r: r < 1.0) if goal else None, unit="s"))
+
+
 def _row(figure, model_name, what, a, b, key, goal, check, unit=""):
     """A table row comparing a[key] / b[key]. Memory values show the total peak and, in brackets,
     the part above the process's RSS before the step. A goal is judged on the ratio as printed
@@ -692,7 +731,7 @@ def print_table(rows):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a ~2 minute subset")
-    parser.add_argument("--only", default="1,2,3,4,5,6", help="comma-separated figures to run (4 comes with 1)")
+    parser.add_argument("--only", default="1,2,3,4,5,6,7", help="comma-separated figures to run (4 comes with 1)")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads in every process")
     parser.add_argument("--models", default=None, help="comma-separated subset of tiny,smol (default: tiny with --quick, else both)")
     parser.add_argument("--glibc-default", action="store_true", help="measure memory with glibc's default malloc settings")
@@ -734,6 +773,8 @@ def main():
                 ["--tasks-per-iter", "1", "--env-workers", "6", "--max-interactions", "2", "--max-new-tokens", "64",
                  "--minibatch", "6"]
         run("6", figure6, "smol" if "smol" in models else "tiny", flags, args.threads)
+    if "7" in only:
+        run("7", figure7, models, args.threads)
 
     total = time.time() - started
     info["load_average_end"] = os.getloadavg()  # other work on the CPU slows the measurements down
