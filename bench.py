@@ -258,15 +258,21 @@ def matmul_flops(n=2048, min_seconds=1.0):
 # ------------------------------------------------------------------- figure 1 and 4: children
 
 
+def update_setup(model_name, n, micro, bf16=False):
+    """What one LOOP update needs: the model, n synthetic episodes, their advantages, train.Args for
+    1 epoch of one minibatch of n in micro-batches of `micro`, and AdamW over the trainable weights."""
+    model, tokenizer = load_model(model_name)
+    episodes = synthetic_episodes(tokenizer, n)
+    args = train.Args(epochs=1, minibatch=n, micro_batch=micro, lr=1e-4, bf16_autocast=bf16)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+    return model, episodes, advantages(episodes), args, opt
+
+
 def loop_update_child(model_name, n, micro, time_it=False):
     """One LOOP update through train.ppo_update (1 epoch, one minibatch of n, micro-batches of
     `micro`): its peak memory and time; with time_it also its FLOP/s and torch.mm's."""
-    model, tokenizer = load_model(model_name)
-    episodes = synthetic_episodes(tokenizer, n)
-    adv = advantages(episodes)
-    args = train.Args(epochs=1, minibatch=n, micro_batch=micro, lr=1e-4)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+    model, episodes, adv, args, opt = update_setup(model_name, n, micro)
     stats, out = measured(lambda: train.ppo_update(model, opt, episodes, adv, episodes[0], args, 1, DEVICE))
     assert stats["optimizer_steps"] == 1, stats
     if time_it:
@@ -541,12 +547,7 @@ def iteration_child(model_name, flags, warm_slots=True):
 def autocast_child(model_name, n, micro, bf16):
     """Seconds of the second of two LOOP updates (1 epoch, one minibatch of n) with the trunk under
     bfloat16 autocast or not; the first builds the kernels (oneDNN's bf16 ones take seconds)."""
-    model, tokenizer = load_model(model_name)
-    episodes = synthetic_episodes(tokenizer, n)
-    adv = advantages(episodes)
-    args = train.Args(epochs=1, minibatch=n, micro_batch=micro, lr=1e-4, bf16_autocast=bf16)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+    model, episodes, adv, args, opt = update_setup(model_name, n, micro, bf16)
     seconds = []
     for _ in range(2):
         t0 = time.perf_counter()
@@ -555,7 +556,7 @@ def autocast_child(model_name, n, micro, bf16):
             torch.cuda.synchronize()
         seconds.append(time.perf_counter() - t0)
         assert stats["optimizer_steps"] == 1, stats
-    return dict(seconds=seconds[-1], first_seconds=seconds[0], fast_bf16=M.fast_bf16(DEVICE))
+    return dict(seconds=seconds[-1], first_seconds=seconds[0])
 
 
 # ------------------------------------------------------------------------------- the figures
@@ -674,8 +675,9 @@ def figure7(models, threads, rows, results):
         fp32 = in_fresh_process("autocast_child", threads, model_name=name, n=n, micro=micro, bf16=False)
         results[f"fig7_{name}"] = dict(bf16=bf16, float32=fp32)
         # The tiny model's cost is its float32 LM head (49k x 64), which autocast leaves alone: no goal there.
-        goal = M.fast_bf16(DEVICE) and name != "tiny"
-        rows.append(_row("7 bf16", name, f"LOOP update time, bf16 autocast / float32 ({n}x{SEQ} tok; fast_bf16={M.fast_bf16(DEVICE)})",
+        fast = M.fast_bf16(DEVICE)
+        goal = fast and name != "tiny"
+        rows.append(_row("7 bf16", name, f"LOOP update time, bf16 autocast / float32 ({n}x{SEQ} tok; fast_bf16={fast})",
                          bf16, fp32, "seconds", "< 1.00" if goal else "", (lambda r: r < 1.0) if goal else None, unit="s"))
 
 

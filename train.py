@@ -620,7 +620,7 @@ def main(argv=None, envs=None, train_tasks=None, eval_tasks=None) -> list[dict]:
                 iteration=it + 1,
                 task_pass=it * args.tasks_per_iter // len(train_tasks) + 1,  # which pass over the training tasks
                 reward=all_sum(sum(e.reward for e in episodes)) / n,
-                success=all_sum(sum(e.success for e in episodes)) / n,
+                success=sum(s for _, s in outcomes) / n,
                 filtered=1 - all_sum(len(kept)) / n,
                 env_failed=all_sum(sum(e.end_reason == "env_failed" for e in episodes)),
                 turns=all_sum(sum(e.num_turns for e in episodes)) / n,
