@@ -356,20 +356,23 @@ def token_logprobs(model, input_ids, attention_mask, temperature=1.0, chunk_size
 # --------------------------------------------------------------------------------- save / load
 
 
-def _full_state_dict(model):
-    """Every parameter and buffer as full CPU tensors: gathered on every rank under FSDP (a
-    collective: all ranks must call it), a plain state_dict otherwise."""
+def _full_state_dict(model, all_ranks=False):
+    """Every parameter and buffer as full tensors. Under FSDP a collective (all ranks must call it):
+    rank 0 gets them on the CPU and the others {}, or with all_ranks every rank gets them on its
+    device. Unsharded: a plain state_dict on the CPU."""
     if _is_distributed():
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        options = StateDictOptions(full_state_dict=True, cpu_offload=not all_ranks)
+        return {k: v.detach() for k, v in get_model_state_dict(model, options=options).items()}
     return {k: v.detach().cpu() for k, v in model.state_dict().items()}
 
 
-def export_state_dict(model):
+def export_state_dict(model, all_ranks=False):
     """The full state dict under the base model's parameter names, each LoRA update merged into its
-    weight: what `from_pretrained` expects. The live model is left untouched."""
-    sd = _full_state_dict(model)
+    weight: what `from_pretrained` expects. The live model is left untouched. Under FSDP only rank
+    0 gets it, unless all_ranks (see _full_state_dict)."""
+    sd = _full_state_dict(model, all_ranks)
     out = {}
     for key, value in sd.items():
         if ".lora_A" in key or ".lora_B" in key:
@@ -388,19 +391,44 @@ def save(model, tokenizer, path):
     state = export_state_dict(model)
     if _is_distributed() and dist.get_rank() != 0:
         return
+    _plain_model(model.config, state).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+
+
+def _plain_model(config, state):
+    """A fresh, unwrapped HF model of `config` holding `state` (an export_state_dict), so its
+    names and classes are HF's own: no LoRA wrappers, no FSDP."""
     from transformers import AutoModelForCausalLM
 
-    # A fresh, unwrapped model of the same config, so the saved names and classes are HF's own.
     with torch.device("meta"):
-        plain = AutoModelForCausalLM.from_config(model.config)
+        plain = AutoModelForCausalLM.from_config(config)
     result = plain.load_state_dict(state, strict=False, assign=True)
-    tied = set(getattr(plain, "_tied_weights_keys", None) or ()) if model.config.tie_word_embeddings else set()
+    tied = set(getattr(plain, "_tied_weights_keys", None) or ()) if config.tie_word_embeddings else set()
     if result.unexpected_keys or set(result.missing_keys) - tied:
-        raise ValueError(f"save: weights the base architecture does not have {result.unexpected_keys[:5]} "
+        raise ValueError(f"weights the base architecture does not have {result.unexpected_keys[:5]} "
                          f"or lacks {sorted(set(result.missing_keys) - tied)[:5]}")
     plain.tie_weights()
-    plain.save_pretrained(path)
-    tokenizer.save_pretrained(path)
+    return plain
+
+
+@torch.no_grad()
+def sampling_copy(model, dtype=torch.bfloat16, device=None):
+    """A plain copy of `model` (LoRA merged, unsharded) with its weights in `dtype`, to sample
+    from while the float32 original learns. On a CPU with AMX a bfloat16 copy samples ~1.9x faster
+    than float32 weights (measured on SmolLM2-135M, 24 episodes). The sampler's numbers then differ
+    slightly from the learner's, as the paper's vLLM sampler's do; the learner recomputes the old
+    log-probs itself, so the PPO ratio never mixes the two. Under FSDP every rank must call this
+    (a collective) and each then holds a whole copy."""
+    state = export_state_dict(model, all_ranks=True)
+    device = device or next(model.parameters()).device
+    state = {k: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype) for k, v in state.items()}
+    plain = _plain_model(model.config, state)
+    source = dict(model.named_buffers())
+    for name, buf in list(plain.named_buffers()):  # non-persistent buffers (RoPE's inv_freq) are not in
+        if buf.is_meta:                            # a state dict: take the live model's, dtype kept
+            owner, _, leaf = name.rpartition(".")
+            plain.get_submodule(owner)._buffers[leaf] = source[name].detach().to(device).clone()
+    return plain.requires_grad_(False).eval()
 
 
 def trainable_state_dict(model):

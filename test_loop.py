@@ -568,6 +568,31 @@ def test_model_bf16_trunk_logprobs_are_float32_close_to_float32_and_train_the_sa
     assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in m.parameters() if p.requires_grad)
 
 
+def test_model_sampling_copy_is_a_plain_merged_model_that_computes_what_the_lora_model_does():
+    m, _ = _tiny()
+    model.add_lora(m, r=4, alpha=8)
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)  # a trained-looking adapter, so merging matters
+    ids, mask = _padded_batch()
+    valid = (mask[:, 1:] * mask[:, :-1]).bool()  # (B, T-1)
+    with torch.no_grad():
+        ref = model.token_logprobs(m, ids, mask)  # (B, T-1)
+        c32 = model.sampling_copy(m, torch.float32)
+        c16 = model.sampling_copy(m, torch.bfloat16)
+        same = model.token_logprobs(c32, ids, mask)  # (B, T-1)
+        low = model.token_logprobs(c16, ids, mask)  # (B, T-1)
+    assert not any(isinstance(x, model.LoRALinear) for x in c16.modules())
+    assert {p.dtype for p in c16.parameters()} == {torch.bfloat16} and not any(p.requires_grad for p in c16.parameters())
+    torch.testing.assert_close(same[valid], ref[valid], atol=1e-4, rtol=0)  # merging changes only rounding
+    err = (low - ref)[valid].abs()
+    assert 0 < err.max() < 0.05 * ref[valid].abs().mean(), err.max()  # bfloat16 weights: close, not equal
+    with torch.no_grad():
+        next(c16.parameters()).zero_()  # a copy: the learner's weights are untouched
+    torch.testing.assert_close(model.token_logprobs(m, ids, mask), ref, atol=0, rtol=0)
+
+
 def test_model_token_logprobs_reject_mismatched_shapes():
     m, _ = _tiny()
     with pytest.raises(ValueError, match="attention_mask"):
@@ -1130,6 +1155,7 @@ def test_train_help_lists_every_flag_with_its_docstring():
     (["--k", "1"], "--k"), (["--eps", "0"], "--eps"), (["--minibatch", "30", "--micro-batch", "4"], "--micro-batch"),
     (["--level", "episode"], "--level"), (["--train-split", "validation"], "--train-split"),
     (["--clip", "huber"], "--clip"), (["--tasks-per-iter", "0"], "--tasks-per-iter"),
+    (["--bf16-sampling", "--dtype", "bfloat16"], "--bf16-sampling"),
 ])
 def test_train_invalid_settings_fail_before_any_work_naming_the_flag(flags, named):
     with pytest.raises(SystemExit, match=named):
@@ -1138,7 +1164,7 @@ def test_train_invalid_settings_fail_before_any_work_naming_the_flag(flags, name
 
 def _fsdp_train_worker():
     """Run by each of 2 processes under torchrun: 2 LOOP iterations of the tiny model (LoRA, FSDP2,
-    gradient checkpointing) on the mini-world, with evaluation. The advantages are forced so that
+    gradient checkpointing, sampling from a gathered bfloat16 copy) on the mini-world, with evaluation. The advantages are forced so that
     rank 0 keeps all 3 of its trajectories and rank 1 only 1: rank 1 must run zero-weight
     micro-batches to keep step with rank 0's extra minibatch, or both hang."""
     torch.set_num_threads(1)
@@ -1155,7 +1181,7 @@ def _fsdp_train_worker():
                           "--micro-batch", "1", "--iterations", "2", "--env-workers", "2", "--max-new-tokens", "8",
                           "--max-interactions", "2", "--eval-max-interactions", "2", "--eval-every", "2",
                           "--prompt", "short", "--difficulties", "1", "--warm-start-epochs", "1",
-                          "--dist-timeout-s", "90", "--out-dir", os.environ["LOOP_TEST_OUT"]])
+                          "--bf16-sampling", "--dist-timeout-s", "90", "--out-dir", os.environ["LOOP_TEST_OUT"]])
     steps = [row["optimizer_steps"] for row in history if "optimizer_steps" in row]
     print(f"rank {os.environ['RANK']} done {steps}", flush=True)
 
