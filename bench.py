@@ -35,6 +35,10 @@ The figures (goal in brackets):
     time of one LOOP update (the figure 1 batch) with the trunk under bf16 autocast / in float32,
     each the second of two updates in its process (the first pays for building the kernels).
     [< 1.00 for SmolLM2 where fast_bf16; none for the tiny model, whose cost is its float32 LM head]
+ 8. bfloat16 sampling (train.py's --bf16-sampling, on by default offline where model.fast_bf16 says
+    so): new tokens/s of rollout.collect (24 episodes, the figure 3 setting) from model.sampling_copy
+    in bfloat16, the copy's making included / from the float32 LoRA model itself; each the second of
+    two collects in its process. [> 1.00 for SmolLM2 where fast_bf16; none for the tiny model]
 
 Memory: every measurement runs in a fresh spawned process. On CPU it is the peak RSS of that
 process during the measured step (Linux: /proc/self/clear_refs resets VmHWM after set-up), shown
@@ -559,6 +563,28 @@ def autocast_child(model_name, n, micro, bf16):
     return dict(seconds=seconds[-1], first_seconds=seconds[0])
 
 
+# ------------------------------------------------------------------------- figure 8: children
+
+
+def bf16_sampling_child(model_name, count, k, max_new_tokens, turns, bf16):
+    """New tokens/s of the second of two rollout.collect calls (the first builds the kernels), each
+    from a fresh model.sampling_copy in bfloat16 (its making timed too) or from the float32 model."""
+    model, tokenizer = load_model(model_name, lora=True, checkpointing=False)
+    model.eval()
+    tasks = [f"task_{i}" for i in range(count // k)]
+    for _ in range(2):
+        torch.manual_seed(0)
+        t0 = time.perf_counter()
+        sampler = M.sampling_copy(model, torch.bfloat16) if bf16 else model
+        episodes = rollout.collect(sampler, tokenizer, InstantEnv(count, turns), tasks, k,
+                                   max_new_tokens=max_new_tokens, progress=False)
+        if CUDA:
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - t0
+    new_tokens = sum(sum(e.agent_mask) for e in episodes)
+    return dict(seconds=seconds, new_tokens=new_tokens, tokens_per_s=new_tokens / seconds)
+
+
 # ------------------------------------------------------------------------------- the figures
 
 
@@ -681,6 +707,19 @@ def figure7(models, threads, rows, results):
                          bf16, fp32, "seconds", "< 1.00" if goal else "", (lambda r: r < 1.0) if goal else None, unit="s"))
 
 
+def figure8(models, settings, threads, rows, results):
+    for name in models:
+        s = dict(count=24, k=6, max_new_tokens=settings[name]["max_new_tokens"], turns=settings[name]["turns"])
+        bf16 = in_fresh_process("bf16_sampling_child", threads, model_name=name, bf16=True, **s)
+        fp32 = in_fresh_process("bf16_sampling_child", threads, model_name=name, bf16=False, **s)
+        results[f"fig8_{name}"] = dict(bf16=bf16, float32=fp32, settings=s)
+        fast = M.fast_bf16(DEVICE)
+        goal = fast and name != "tiny"
+        rows.append(_row("8 bf16 sampling", name, f"collect tok/s, bf16 copy / float32 weights (24 episodes; fast_bf16={fast})",
+                         bf16, fp32, "tokens_per_s", "> 1.00" if goal else "", (lambda r: r > 1.0) if goal else None,
+                         unit="tok/s"))
+
+
 def _row(figure, model_name, what, a, b, key, goal, check, unit=""):
     """A table row comparing a[key] / b[key]. Memory values show the total peak and, in brackets,
     the part above the process's RSS before the step. A goal is judged on the ratio as printed
@@ -733,7 +772,7 @@ def print_table(rows):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a ~2 minute subset")
-    parser.add_argument("--only", default="1,2,3,4,5,6,7", help="comma-separated figures to run (4 comes with 1)")
+    parser.add_argument("--only", default="1,2,3,4,5,6,7,8", help="comma-separated figures to run (4 comes with 1)")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads in every process")
     parser.add_argument("--models", default=None, help="comma-separated subset of tiny,smol (default: tiny with --quick, else both)")
     parser.add_argument("--glibc-default", action="store_true", help="measure memory with glibc's default malloc settings")
@@ -761,9 +800,9 @@ def main():
     if "2" in only:
         lengths = {"tiny": [4096] if q else [1024, 4096, 8192], "smol": [1024]}
         run("2", figure2, models, lengths, args.threads, env)
+    settings = {"tiny": dict(episode_counts=[6, 24], k=6, max_new_tokens=160, turns=2, sequential_episodes=6),
+                "smol": dict(episode_counts=[6, 24], k=6, max_new_tokens=64, turns=2, sequential_episodes=3)}
     if "3" in only:
-        settings = {"tiny": dict(episode_counts=[6, 24], k=6, max_new_tokens=160, turns=2, sequential_episodes=6),
-                    "smol": dict(episode_counts=[6, 24], k=6, max_new_tokens=64, turns=2, sequential_episodes=3)}
         run("3", figure3, models, settings, args.threads)
     if "5" in only:
         run("5", figure5, [(m, lora) for m in models for lora in ((False,) if q else (False, True) if m == "tiny" else (True,))],
@@ -777,6 +816,8 @@ def main():
         run("6", figure6, "smol" if "smol" in models else "tiny", flags, args.threads)
     if "7" in only:
         run("7", figure7, models, args.threads)
+    if "8" in only:
+        run("8", figure8, models, settings, args.threads)
 
     total = time.time() - started
     info["load_average_end"] = os.getloadavg()  # other work on the CPU slows the measurements down

@@ -148,13 +148,15 @@ class Args:
 
 
 # What `python train.py` means on a machine with no GPU: the same code, scaled to a 2-core CPU and
-# the mini-world. Flags given on the command line still win. 15 iterations of 6 tasks: five shuffled
+# the mini-world. Flags given on the command line still win. 18 iterations of 6 tasks: six shuffled
 # passes over the 18 difficulty-1 training tasks, so each pass's success rate compares with the next.
 # Temperature 0.7: after the warm start, SmolLM2-135M's samples at T=1 are mostly broken code (18%
 # success on the training tasks, ~40% at 0.7). lr 4e-4 with adam_eps 1e-4: with the default eps 1e-8
 # Adam moves every LoRA entry by ~lr per step whatever its (tiny, ~2e-5) gradient, and the walk
 # either learns nothing (lr 2e-4) or breaks the warm start (lr 5e-4); see the README's Results.
 # Gradient checkpointing off: a 135M model's activations fit, and it saves ~20% of the time.
+# bf16 autocast and bf16 sampling where the CPU has AMX/AVX512-BF16: learning and sampling run faster
+# (bench.py figures 7 and 8).
 OFFLINE_DEFAULTS = dict(
     difficulties="1", prompt="short", k=4, tasks_per_iter=6, iterations=18, env_workers=24,
     max_interactions=3, eval_max_interactions=3, max_new_tokens=128, max_obs_tokens=400,
