@@ -414,8 +414,8 @@ def _plain_model(config, state):
 @torch.no_grad()
 def sampling_copy(model, dtype=torch.bfloat16, device=None):
     """A plain copy of `model` (LoRA merged, unsharded) with its weights in `dtype`, to sample
-    from while the float32 original learns. On a CPU with AMX a bfloat16 copy samples ~1.9x faster
-    than float32 weights (measured on SmolLM2-135M, 24 episodes). The sampler's numbers then differ
+    from while the float32 original learns. On a CPU with AMX a bfloat16 copy samples 1.4x faster
+    than the float32 weights, its making included (bench.py figure 8: SmolLM2-135M, 24 episodes). The sampler's numbers then differ
     slightly from the learner's, as the paper's vLLM sampler's do; the learner recomputes the old
     log-probs itself, so the PPO ratio never mixes the two. Under FSDP every rank must call this
     (a collective) and each then holds a whole copy."""

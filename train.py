@@ -2,7 +2,7 @@
 
 The paper's run (Chen et al. 2025, arXiv 2502.01600), real AppWorld data, one 8-GPU node:
     APPWORLD_ROOT=/path/with/data torchrun --nproc_per_node 8 train.py --model Qwen/Qwen2.5-32B-Instruct
-The offline default (the mini-world, SmolLM2-135M, a CPU; ~36 min on 2 cores with AMX):
+The offline default (the mini-world, SmolLM2-135M, a CPU; 32-37 min on 2 cores with AMX):
     python train.py
 Evaluation only:
     python train.py --eval-only --split test_normal --checkpoint runs/loop/final
@@ -139,7 +139,7 @@ class Args:
     CPU with AVX512-BF16/AMX: ~2x faster; on by default offline when the CPU has them)"""
     bf16_sampling: bool = False
     """sample (and evaluate) with a bfloat16 copy of the weights, LoRA merged, made afresh each phase,
-    while float32 weights learn (a CPU with AVX512-BF16/AMX: ~1.9x faster sampling; on by default
+    while float32 weights learn (a CPU with AVX512-BF16/AMX: 1.4x faster sampling; on by default
     offline when the CPU has them). Pointless when the weights are bfloat16 already (GPU default)"""
     dist_timeout_s: int = 1800
     """seconds a collective may wait before the process group gives up"""
