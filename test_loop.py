@@ -589,7 +589,9 @@ def test_model_sampling_copy_is_a_plain_merged_model_that_computes_what_the_lora
     err = (low - ref)[valid].abs()
     assert 0 < err.max() < 0.05 * ref[valid].abs().mean(), err.max()  # bfloat16 weights: close, not equal
     with torch.no_grad():
-        next(c16.parameters()).zero_()  # a copy: the learner's weights are untouched
+        for c in (c16, c32):  # copies, even where the dtype is the same: the learner's weights are untouched
+            for p in c.parameters():
+                p.zero_()
     torch.testing.assert_close(model.token_logprobs(m, ids, mask), ref, atol=0, rtol=0)
 
 

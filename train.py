@@ -431,22 +431,21 @@ def my_share(items: list, rank: int, world_size: int) -> list:
     return items[rank::world_size]
 
 
-def sampler(model, args: Args, device):
+def sampler(model, args: Args):
     """The model that samples: the training model itself, or its bfloat16 copy (--bf16-sampling).
     model.eval() either way: HF turns the KV cache off in train mode with gradient checkpointing."""
     model.eval()
-    return M.sampling_copy(model, torch.bfloat16, device) if args.bf16_sampling else model
+    return M.sampling_copy(model, torch.bfloat16) if args.bf16_sampling else model
 
 
-def evaluate(model, tokenizer, envs, splits: dict[str, list[str]], args: Args, rank: int, world_size: int,
-             device) -> dict:
+def evaluate(model, tokenizer, envs, splits: dict[str, list[str]], args: Args, rank: int, world_size: int) -> dict:
     """Greedy, one episode per task, each rank its share; AppWorld's TGC and SGC per split. All
     splits go through one collect call, so the environment slots stay busy across them."""
     limit, envs.max_interactions = envs.max_interactions, args.eval_max_interactions
     t0 = time.time()
     mine = [t for task_ids in splits.values() for t in my_share(task_ids, rank, world_size)]
     try:  # every rank calls collect, even with no tasks: its forward passes are FSDP collectives
-        episodes = rollout.collect(sampler(model, args, device), tokenizer, envs, mine, 1, greedy=True,
+        episodes = rollout.collect(sampler(model, args), tokenizer, envs, mine, 1, greedy=True,
                                    max_new_tokens=args.max_new_tokens, max_seq_len=args.max_seq_len,
                                    gather_weights=args.sample_gathered, progress=rank == 0)
     finally:
@@ -593,7 +592,7 @@ def main(argv=None, envs=None, train_tasks=None, eval_tasks=None) -> list[dict]:
             eval_tasks = appworld_env.load_task_ids(args.split if args.eval_only else args.eval_split, args.appworld_root)
 
         if args.eval_only:
-            log(dict(phase="eval", **evaluate(model, tokenizer, envs, {args.split: eval_tasks}, args, rank, world_size, device)))
+            log(dict(phase="eval", **evaluate(model, tokenizer, envs, {args.split: eval_tasks}, args, rank, world_size)))
             if master:
                 print(json.dumps(history[-1]))
             return history
@@ -608,7 +607,7 @@ def main(argv=None, envs=None, train_tasks=None, eval_tasks=None) -> list[dict]:
             save_checkpoint(out / "checkpoint.pt", model, optimizer, args, 0, master)  # --resume skips it
         eval_splits = {"train": train_tasks, args.eval_split: eval_tasks}
         if args.eval_every and start == 0:
-            log(dict(phase="eval", iteration=0, **evaluate(model, tokenizer, envs, eval_splits, args, rank, world_size, device)))
+            log(dict(phase="eval", iteration=0, **evaluate(model, tokenizer, envs, eval_splits, args, rank, world_size)))
 
         bar = tqdm(range(start, args.iterations), desc="LOOP", disable=not master, initial=start, total=args.iterations)
         for it in bar:
@@ -618,7 +617,7 @@ def main(argv=None, envs=None, train_tasks=None, eval_tasks=None) -> list[dict]:
             mine = my_share(draw, rank, world_size)
             # ---- 2. K rollouts per task
             t0 = time.time()
-            episodes = rollout.collect(sampler(model, args, device), tokenizer, envs, mine, args.k, temperature=args.temperature,
+            episodes = rollout.collect(sampler(model, args), tokenizer, envs, mine, args.k, temperature=args.temperature,
                                        max_new_tokens=args.max_new_tokens, max_seq_len=args.max_seq_len,
                                        gather_weights=args.sample_gathered, progress=master)
             t_sample = time.time() - t0
@@ -648,7 +647,7 @@ def main(argv=None, envs=None, train_tasks=None, eval_tasks=None) -> list[dict]:
             log(row)
             bar.set_postfix(reward=f"{row['reward']:.3f}", success=f"{row['success']:.2f}", kl=f"{row['approx_kl']:.4f}")
             if args.eval_every and ((it + 1) % args.eval_every == 0 or it + 1 == args.iterations):
-                log(dict(phase="eval", iteration=it + 1, **evaluate(model, tokenizer, envs, eval_splits, args, rank, world_size, device)))
+                log(dict(phase="eval", iteration=it + 1, **evaluate(model, tokenizer, envs, eval_splits, args, rank, world_size)))
             if (it + 1) % args.save_every == 0 or it + 1 == args.iterations:
                 save_checkpoint(out / "checkpoint.pt", model, optimizer, args, it + 1, master)
         M.save(model, tokenizer, out / "final")
