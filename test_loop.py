@@ -491,6 +491,7 @@ def test_env_workers_are_recycled_after_some_episodes(pool):
 
 # ===================================================================== model.py and rollout.py
 
+import copy
 import os
 import subprocess
 import sys
@@ -1127,6 +1128,30 @@ def test_train_warm_start_learns_the_scripted_tokens_and_resume_skips_it(tmp_pat
     assert saved == [0, 1]  # the warm start is checkpointed before the first iteration
     history = train.main(flags + ["--iterations", "2", "--resume"], envs=pool, train_tasks=tasks, eval_tasks=tasks)
     assert [row.get("phase") for row in history] == [None] and history[0]["iteration"] == 2
+
+
+def test_train_ppo_update_is_the_same_whatever_the_micro_batch_split():
+    # Episodes of unequal lengths (1 to 3 turns): ppo_update sorts each minibatch by length before
+    # cutting it into micro-batches; the step must equal that of the whole minibatch in one pass.
+    m, tok = _tiny()
+    _eos_happy(m, bias=3.0)
+    eps = _collect(m, tok, ToyEnvs(slots=6, turns={"a": 1, "b": 2, "c": 3}), ["c", "a", "b"], 2, temperature=1.0)  # longest first
+    adv = [0.5, -0.5, 1.0, -1.0, 0.25, -0.25]
+    batch = rollout.collate(eps, tok.pad_token_id)
+    lengths = batch.attention_mask.sum(-1).tolist()  # (B,)
+    order = train.by_length(batch, range(6))
+    assert [lengths[r] for r in order] == sorted(lengths) and order != list(range(6))  # the rows really move
+    after = {}
+    for micro in (6, 1, 3):
+        net = copy.deepcopy(m)
+        opt = torch.optim.SGD(net.parameters(), lr=1.0)
+        args = train.Args(minibatch=6, micro_batch=micro, epochs=1, temperature=1.0, bf16_autocast=False)
+        stats = train.ppo_update(net, opt, eps, adv, eps[0], args, world_size=1, device=torch.device("cpu"))
+        assert stats["optimizer_steps"] == 1 and stats["grad_norm"] > 0
+        after[micro] = {k: v.detach().clone() for k, v in net.named_parameters()}
+    for micro in (1, 3):
+        for k in after[6]:
+            torch.testing.assert_close(after[micro][k], after[6][k], atol=1e-6, rtol=1e-5, msg=k)
 
 
 def test_train_task_draws_visit_every_task_once_per_pass():

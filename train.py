@@ -323,6 +323,14 @@ def advantages_for(episodes: list[rollout.Episode], k: int, estimator: str, thre
     return adv, keep
 
 
+def by_length(batch: rollout.Batch, rows) -> list[int]:
+    """`rows` shortest first, so that consecutive micro-batches pad each row to a similar length. A
+    minibatch's gradient is a sum over its rows, so how they are split into micro-batches does not
+    change it (up to float rounding); only the padding computed and thrown away shrinks."""
+    lengths = batch.attention_mask.sum(-1).tolist()  # (B,) -> list
+    return sorted(rows, key=lambda r: lengths[r])
+
+
 def old_logprobs(model, batch: rollout.Batch, micro_batch: int, temperature: float, bf16: bool = False) -> torch.Tensor:
     """log pi_old of every agent token, recomputed by the training model before the first update
     (App. D): the sampler's numbers (KV cache, batching) differ slightly from the trainer's.
@@ -330,9 +338,10 @@ def old_logprobs(model, batch: rollout.Batch, micro_batch: int, temperature: flo
     passes re-score row 0 and are thrown away."""
     old = torch.zeros_like(batch.sampler_logprobs)  # (B, T-1)
     n_passes = all_max(math.ceil(len(old) / micro_batch))
+    order = by_length(batch, range(len(old)))
     with torch.no_grad():
         for i in range(n_passes):
-            rows = list(range(i * micro_batch, min((i + 1) * micro_batch, len(old))))  # may be empty
+            rows = order[i * micro_batch:(i + 1) * micro_batch]  # may be empty
             mb = batch.select(rows if len(rows) else [0])  # padding columns of these rows cut
             logp = M.token_logprobs(model, mb.input_ids, mb.attention_mask, temperature, positions=mb.agent_mask,
                                     bf16_trunk=bf16)  # (b, T_mb-1)
@@ -368,7 +377,7 @@ def ppo_update(model, optimizer, episodes, advantages, spare, args: Args, world_
     for epoch in range(args.epochs):
         order = torch.randperm(n_real).tolist()  # trajectories of all this rank's tasks, mixed
         for i in range(n_minibatches):
-            rows = order[i * per_rank:(i + 1) * per_rank]
+            rows = by_length(batch, order[i * per_rank:(i + 1) * per_rank])  # same minibatch, less padding
             n_global = all_sum(len(rows))
             for j in range(n_micro):
                 micro, scale = rows[j * args.micro_batch:(j + 1) * args.micro_batch], 1.0
