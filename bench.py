@@ -39,6 +39,10 @@ The figures (goal in brackets):
     so): new tokens/s of rollout.collect (24 episodes, the figure 3 setting) from model.sampling_copy
     in bfloat16, the copy's making included / from the float32 LoRA model itself; each the second of
     two collects in its process. [> 1.00 for SmolLM2 where fast_bf16; none for the tiny model]
+ 9. Micro-batches by length (train.by_length): time of one LOOP update of 12 episodes of unequal
+    lengths (the figure 7 layout, each cut to 208-512 tokens), micro-batches of 6 cut from the rows
+    sorted by length / in the minibatch's drawn order. The gradient is the same; less padding is
+    computed. [< 1.00]
 
 Memory: every measurement runs in a fresh spawned process. On CPU it is the peak RSS of that
 process during the measured step (Linux: /proc/self/clear_refs resets VmHWM after set-up), shown
@@ -545,15 +549,26 @@ def iteration_child(model_name, flags, warm_slots=True):
                 reward=sum(e.reward for e in episodes) / len(episodes), flags=" ".join(flags))
 
 
-# ------------------------------------------------------------------------- figure 7: children
+# --------------------------------------------------------------------- figure 7 and 9: children
 
 
-def autocast_child(model_name, n, micro, bf16):
+def update_time_child(model_name, n, micro, bf16, ragged=False, sort=True):
     """Seconds of the second of two LOOP updates (1 epoch, one minibatch of n) with the trunk under
-    bfloat16 autocast or not; the first builds the kernels (oneDNN's bf16 ones take seconds)."""
+    bfloat16 autocast or not; the first builds the kernels (oneDNN's bf16 ones take seconds).
+    ragged: each episode cut to a length drawn uniformly from PROMPT+16..SEQ, as real episodes
+    differ (figure 9); sort=False: micro-batches cut from the minibatch in its drawn order."""
     model, episodes, adv, args, opt = update_setup(model_name, n, micro, bf16)
+    if ragged:
+        g = torch.Generator().manual_seed(1)
+        for e in episodes:
+            cut = int(torch.randint(PROMPT + 16, SEQ + 1, (1,), generator=g))
+            e.token_ids, e.agent_mask, e.turn_ids, e.sampler_logprobs = (
+                e.token_ids[:cut], e.agent_mask[:cut], e.turn_ids[:cut], e.sampler_logprobs[:cut])
+    if not sort:
+        train.by_length = lambda batch, rows: list(rows)  # this process only
     seconds = []
     for _ in range(2):
+        torch.manual_seed(0)  # the same drawn order in both processes
         t0 = time.perf_counter()
         stats = train.ppo_update(model, opt, episodes, adv, episodes[0], args, 1, DEVICE)
         if CUDA:
@@ -697,8 +712,8 @@ def figure6(model_name, flags, threads, rows, results):
 def figure7(models, threads, rows, results):
     n, micro = 6, 6  # figure 1's batch
     for name in models:
-        bf16 = in_fresh_process("autocast_child", threads, model_name=name, n=n, micro=micro, bf16=True)
-        fp32 = in_fresh_process("autocast_child", threads, model_name=name, n=n, micro=micro, bf16=False)
+        bf16 = in_fresh_process("update_time_child", threads, model_name=name, n=n, micro=micro, bf16=True)
+        fp32 = in_fresh_process("update_time_child", threads, model_name=name, n=n, micro=micro, bf16=False)
         results[f"fig7_{name}"] = dict(bf16=bf16, float32=fp32)
         # The tiny model's cost is its float32 LM head (49k x 64), which autocast leaves alone: no goal there.
         fast = M.fast_bf16(DEVICE)
@@ -718,6 +733,18 @@ def figure8(models, settings, threads, rows, results):
         rows.append(_row("8 bf16 sampling", name, f"collect tok/s, bf16 copy / float32 weights (24 episodes; fast_bf16={fast})",
                          bf16, fp32, "tokens_per_s", "> 1.00" if goal else "", (lambda r: r > 1.0) if goal else None,
                          unit="tok/s"))
+
+
+def figure9(models, threads, rows, results):
+    n, micro, bf16 = 12, 6, M.fast_bf16(DEVICE)  # the offline default's minibatch and micro-batch
+    for name in models:
+        s = dict(model_name=name, n=n, micro=micro, bf16=bf16, ragged=True)
+        by_len = in_fresh_process("update_time_child", threads, sort=True, **s)
+        drawn = in_fresh_process("update_time_child", threads, sort=False, **s)
+        results[f"fig9_{name}"] = dict(sorted=by_len, drawn=drawn)
+        rows.append(_row("9 sorted micro-batches", name, f"LOOP update time, rows sorted by length / drawn order ({n} episodes of "
+                         f"{PROMPT + 16}-{SEQ} tok, micro-batch {micro})", by_len, drawn, "seconds", "< 1.00",
+                         lambda r: r < 1.0, unit="s"))
 
 
 def _row(figure, model_name, what, a, b, key, goal, check, unit=""):
@@ -772,7 +799,7 @@ def print_table(rows):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a ~2 minute subset")
-    parser.add_argument("--only", default="1,2,3,4,5,6,7,8", help="comma-separated figures to run (4 comes with 1)")
+    parser.add_argument("--only", default="1,2,3,4,5,6,7,8,9", help="comma-separated figures to run (4 comes with 1)")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads in every process")
     parser.add_argument("--models", default=None, help="comma-separated subset of tiny,smol (default: tiny with --quick, else both)")
     parser.add_argument("--glibc-default", action="store_true", help="measure memory with glibc's default malloc settings")
@@ -818,6 +845,8 @@ def main():
         run("7", figure7, models, args.threads)
     if "8" in only:
         run("8", figure8, models, settings, args.threads)
+    if "9" in only:
+        run("9", figure9, models, args.threads)
 
     total = time.time() - started
     info["load_average_end"] = os.getloadavg()  # other work on the CPU slows the measurements down
