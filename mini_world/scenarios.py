@@ -106,7 +106,7 @@ apis.supervisor.complete_task(answer=profile["birthday"])
         variants=[dict(supervisor=0), dict(supervisor=1), dict(supervisor=2)],
         answer=lambda v: PEOPLE[v["supervisor"]]["home"],
         evaluation=ANSWER_EVALUATION,
-        solution=['''My addresses are in the supervisor app.
+        solution=['''My home address is in the supervisor app.
 ```python
 addresses = apis.supervisor.show_addresses()
 home = [a for a in addresses if a["name"] == "Home"][0]
@@ -292,7 +292,7 @@ apis.supervisor.complete_task()
         variants=[dict(supervisor=3), dict(supervisor=4), dict(supervisor=5)],
         answer=lambda v: PEOPLE[v["supervisor"]]["work"],
         evaluation=ANSWER_EVALUATION,
-        solution=['''My addresses are in the supervisor app.
+        solution=['''My work address is in the supervisor app.
 ```python
 addresses = apis.supervisor.show_addresses()
 work = [a for a in addresses if a["name"] == "Work"][0]
