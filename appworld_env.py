@@ -8,11 +8,12 @@ Two settings, one code path (the real AppWorld engine, never a mock):
   AppWorld's on-disk format under `<repo>/appworld_root` by `setup_mini_world()`;
 - the real AppWorld data: `appworld download data --root DIR`, then `APPWORLD_ROOT=DIR`.
 
-An episode: `reset` gives the opening chat messages (instructions, one worked demo, the task); each
-`step` takes the agent's message, runs its ```python blocks in the task's world and returns what
-they printed (truncated) plus a short reminder of the task. The episode ends when the agent calls
-`apis.supervisor.complete_task(...)` or at the interaction limit; then AppWorld's own unit tests for
-the task decide the reward.
+An episode: `reset` gives the opening chat messages (see PROMPTS: `paper`, the default, has
+instructions, a worked demonstration as chat turns, then the task); each `step` takes the agent's
+message, runs its ```python blocks in the task's world and returns what they printed (truncated)
+plus a reminder of the task. The episode ends when the agent calls `apis.supervisor.complete_task(...)`,
+at the interaction limit, or when the trainer calls `score` (its context is full); then AppWorld's
+own unit tests for the task decide the reward.
 
 Why worker processes: AppWorld freezes the clock of its whole process (freezegun), times cells out
 with SIGALRM (main thread only) and allows one open world per process. So each world lives in a
@@ -138,87 +139,119 @@ def _template_fields(variant: dict) -> dict:
 SYSTEM_PROMPT = ("You are an autonomous agent. You complete a person's task by writing Python code "
                  "that calls the APIs of their apps, one small step at a time.")
 
-INSTRUCTIONS = '''I am your supervisor. Complete my task below by writing Python code in a shell where the variable `apis` gives access to my apps.
+# --prompt paper: the structure of the paper's prompt (App. D), in our own words: ReAct instructions,
+# one worked demonstration as real assistant / user turns, then the task block, which is appended
+# again after every observation. The instructions give no hint the paper's prompt does not give
+# (how to log in, page sizes): finding those out from the API docs is part of each task.
+REACT_INSTRUCTIONS = '''I am your supervisor. Do my task below on your own, through the APIs of my apps (spotify, venmo, gmail, ...) in a Python shell. We take turns: you write a short thought and one ```python block; I run the block and show you what it printed; you decide the next step from what you saw, and so on until the task is done.
 
-How to work:
-1. Each reply is a short thought followed by exactly one ```python block. I run the block and show you what it printed. Keep blocks small and look at each result before the next step.
-2. Do not guess API names or parameters; look them up:
-   apis.api_docs.show_app_descriptions() lists the apps,
-   apis.api_docs.show_api_descriptions(app_name="spotify") lists the APIs of an app,
-   apis.api_docs.show_api_doc(app_name="spotify", api_name="login") shows the parameters and response of one API.
-3. My profile, addresses, payment cards and app passwords are in the supervisor app (apis.supervisor.show_profile(), show_addresses(), show_payment_cards(), show_account_passwords()). Log in with apis.<app>.login(username=..., password=...), where the username is my email (my phone number for the phone app), and pass the access_token it returns to that app's other APIs.
-4. APIs that return lists are paginated: ask for page_index=0, 1, 2, ... (page_limit up to 20) until a page comes back empty.
-5. Do only what the task asks; change nothing else.
-6. When the task is done, call apis.supervisor.complete_task(answer=...) if it asks a question (a short answer: a number, a name, a date), or apis.supervisor.complete_task() if it asks for an action. This ends the task: call it once, at the end.'''
+The variable `apis` holds the apps. Three APIs describe everything else:
+- apis.api_docs.show_app_descriptions(): the apps and what they are for,
+- apis.api_docs.show_api_descriptions(app_name=...): the APIs of one app,
+- apis.api_docs.show_api_doc(app_name=..., api_name=...): the parameters and response of one API.
 
-# One worked example in our own words, for an invented person and a task that is not in the
-# mini-world. Its outputs are illustrative; nothing here comes from a task's ground truth.
-DEMO = '''Example (another person, another task).
-Task: How many playlists do I have on Spotify?
+Guidelines:
+1. One ```python block per reply, small enough to check its result before the next step. Variables stay defined from one block to the next.
+2. Read an API's documentation before you first call it. Never make up an API, a parameter or a value you have not seen (a password, an email address, an id).
+3. My personal details (profile, addresses, payment cards, the passwords of my accounts) are in the supervisor app.
+4. When the task is done, call apis.supervisor.complete_task(answer=...) if the task asks for information, or apis.supervisor.complete_task() if it asks for an action. This ends the task.
 
-Assistant: First, which APIs does Spotify have for playlists?
+First, a worked example: another person, another task.'''
+
+# The demonstration: an invented person and an invented task on an app the mini-world does not use.
+# Its outputs are illustrative (abridged API docs); nothing here comes from any task's ground truth.
+DEMO_TASK = {"datetime": "2023-05-18T14:30:00",
+             "supervisor": {"first_name": "Rosa", "last_name": "Lindqvist", "email": "rosa.lindqvist@example.net",
+                            "phone_number": "7195550134"},
+             "instruction": "Which of my Splitwise groups has the most members? Answer with the group's name."}
+DEMO_TURNS = [  # (assistant message, what the shell printed); the last turn ends the task
+    ('''Splitwise keeps the groups. Which of its APIs deal with groups, and how do I log in?
 ```python
-print([api["name"] for api in apis.api_docs.show_api_descriptions(app_name="spotify") if "playlist" in api["name"]])
-```
-Output: ["show_playlist_library", "search_playlists", "create_playlist", ...]
-
-Assistant: Let me read how show_playlist_library is called.
+print([api["name"] for api in apis.api_docs.show_api_descriptions(app_name="splitwise") if "group" in api["name"] or api["name"] == "login"])
+```''',
+     "['login', 'show_groups', 'create_group', 'show_group', 'delete_group', 'update_group', 'undelete_group', "
+     "'add_member_to_group', 'remove_member_from_group', 'exit_group', 'accept_group_invitation', "
+     "'show_group_expenses', 'show_no_group_expenses', 'show_group_payments', 'show_no_group_payments', "
+     "'show_group_balance', 'show_groups_balance']"),
+    ('''show_groups should list my groups. Before calling anything, let me read how login and show_groups are called.
 ```python
-print(apis.api_docs.show_api_doc(app_name="spotify", api_name="show_playlist_library"))
-```
-Output: {"app_name": "spotify", "api_name": "show_playlist_library", "parameters": [{"name": "access_token", "required": true, ...}, {"name": "page_index", ...}, {"name": "page_limit", ...}], ...}
-
-Assistant: I need an access token: get my Spotify password and log in with my email.
+print(apis.api_docs.show_api_doc(app_name="splitwise", api_name="login"))
+print(apis.api_docs.show_api_doc(app_name="splitwise", api_name="show_groups"))
+```''',
+     str({"api_name": "login", "parameters": [
+             {"name": "username", "type": "string", "required": True, "description": "Your account email."},
+             {"name": "password", "type": "string", "required": True}],
+          "response_schemas": {"success": {"access_token": "string", "token_type": "string"}}}) + "\n" +
+     str({"api_name": "show_groups", "parameters": [
+             {"name": "access_token", "type": "string", "required": True},
+             {"name": "page_index", "type": "integer", "required": False, "default": 0},
+             {"name": "page_limit", "type": "integer", "required": False}],
+          "response_schemas": {"success": [{"group_id": 1, "name": "string",
+                                            "members": [{"name": "string", "email": "user@example.com"}]}]}})),
+    ('''Login needs my email and my Splitwise password, which the supervisor app keeps.
 ```python
 passwords = {p["account_name"]: p["password"] for p in apis.supervisor.show_account_passwords()}
-token = apis.spotify.login(username="sam.ortiz@example.org", password=passwords["spotify"])["access_token"]
-```
-Output: Execution successful.
-
-Assistant: Now count the playlists, page by page.
+token = apis.splitwise.login(username="rosa.lindqvist@example.net", password=passwords["splitwise"])["access_token"]
+print("logged in")
+```''',
+     "logged in"),
+    ('''The groups come one page at a time: I read pages until one comes back empty, then count each group's members.
 ```python
-playlists, page = [], 0
+groups, page = [], 0
 while True:
-    batch = apis.spotify.show_playlist_library(access_token=token, page_index=page, page_limit=20)
+    batch = apis.splitwise.show_groups(access_token=token, page_index=page)
     if not batch:
         break
-    playlists += batch
+    groups += batch
     page += 1
-print(len(playlists))
-```
-Output: 23
-
-Assistant: Sam has 23 playlists.
+print([(g["name"], len(g["members"])) for g in groups])
+```''',
+     "[('Flat 3B', 3), ('Lisbon weekend', 5), ('Climbing club', 9), ('Book circle', 4), ('Office lunch', 6)]"),
+    ('''Climbing club has the most members (9), and the task asks for its name.
 ```python
-apis.supervisor.complete_task(answer=23)
-```
-Output: Execution successful.'''
+apis.supervisor.complete_task(answer="Climbing club")
+```''', None),
+]
 
 SHORT_INSTRUCTIONS = '''Complete my task with Python. Reply with one ```python block each turn; `apis` gives my apps. Passwords: apis.supervisor.show_account_passwords(). Log in: apis.<app>.login(username=<my email, or my phone number for the phone app>, password=...)["access_token"]. Finish with apis.supervisor.complete_task(answer=...) for a question, or apis.supervisor.complete_task() for an action.'''
 
+PROMPTS = {  # name -> what it is (train.py prints it at start-up)
+    "paper": "the paper's structure: ReAct instructions, a worked demonstration as chat turns, the whole task "
+             "block after every observation",
+    "short": "a few lines of instructions and a one-line task reminder, for small models; the offline default",
+}
+
 
 def task_block(info: dict) -> str:
-    """The task part of the first user message: date, who the supervisor is, the instruction."""
+    """The task: date, who the supervisor is, the instruction. Built from the task's specs only."""
     s = info["supervisor"]
     return (f"Date and time: {info['datetime']}\n"
             f"Me: {s['first_name']} {s['last_name']}, email {s['email']}, phone number {s['phone_number']}\n"
             f"Task: {info['instruction']}")
 
 
-def opening_messages(info: dict, prompt: str = "full") -> list[dict]:
-    """The chat messages an episode starts with. Built from the task's specs only (no ground truth)."""
-    if prompt == "full":
-        user = f"{INSTRUCTIONS}\n\n{DEMO}\n\nNow my task.\n{task_block(info)}"
-    elif prompt == "short":
-        user = f"{SHORT_INSTRUCTIONS}\n\n{task_block(info)}"
-    else:
-        raise ValueError(f"Unknown prompt {prompt!r}; expected 'full' or 'short'.")
-    return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": user}]
+def opening_messages(info: dict, prompt: str = "paper") -> list[dict]:
+    """The chat messages an episode starts with. After the system message, user and assistant
+    alternate (the demonstration's turns included), as ChatML and stricter chat templates expect."""
+    system = {"role": "system", "content": SYSTEM_PROMPT}
+    if prompt == "short":
+        return [system, {"role": "user", "content": f"{SHORT_INSTRUCTIONS}\n\n{task_block(info)}"}]
+    if prompt != "paper":
+        raise ValueError(f"Unknown prompt {prompt!r}; expected one of {tuple(PROMPTS)}.")
+    messages = [system, {"role": "user", "content": f"{REACT_INSTRUCTIONS}\n\n{task_block(DEMO_TASK)}"}]
+    for turn, output in DEMO_TURNS:
+        messages.append({"role": "assistant", "content": turn})
+        if output is not None:
+            messages.append({"role": "user", "content": output})
+    return messages + [{"role": "user", "content": f"The example is over. Now my task.\n{task_block(info)}"}]
 
 
-def reminder(instruction: str) -> str:
-    """Appended to every observation (the paper does this), so the task stays in view."""
-    return f"(Your task: {instruction} Reply with one ```python block; end with apis.supervisor.complete_task.)"
+def reminder(info: dict, prompt: str = "paper") -> str:
+    """Appended to every observation (as the paper does), so the task stays in view: the whole
+    task block for `paper`, the instruction alone for `short`."""
+    if prompt == "short":
+        return f"(Your task: {info['instruction']} Reply with one ```python block; end with apis.supervisor.complete_task.)"
+    return f"As a reminder, my task:\n{task_block(info)}"
 
 
 # ======================================================================== agent code, guard, output
@@ -365,7 +398,7 @@ class StepResult:
 @dataclass
 class _Episode:
     task_id: str
-    instruction: str
+    reminder: str  # appended to every observation
     interactions: int = 0
     done: bool = False
 
@@ -373,15 +406,15 @@ class _Episode:
 class EnvPool:
     """N worker processes, each holding at most one AppWorld world; slot i is worker i.
 
-    `reset` and `step` take lists of slots and run them in parallel (send every request, then
-    gather). A worker that misses its deadline or dies is killed and replaced; its episode ends with
+    `reset`, `step` and `score` take lists of slots and run them in parallel (send every request,
+    then gather). A worker that misses its deadline or dies is killed and replaced; its episode ends with
     reward 0 and info["env_failed"]. Workers are recycled every `recycle_after` episodes because
     AppWorld's memory grows about 1.2 MB per episode (measured: 256 MB after 1, 397 MB after 121).
 
     reward: "fraction" of the task's unit tests that pass (the paper's); "binary", 1 if all pass;
         "progress", the fraction among the tests a no-op episode fails (AppWorld's "no_op_fail"
         labels), so that doing nothing earns 0 instead of 1/2 or 2/3.
-    prompt: "full" (instructions and one worked demo) or "short" (a few lines, for tiny models).
+    prompt: "paper" (the paper's structure) or "short" (a few lines, for tiny models); see PROMPTS.
     tokenizer, max_obs_tokens: observations are cut at this many tokens of the policy's tokenizer
         (in this process), or at 4 characters per token without one.
     timeout: seconds any one request may take before its worker is killed and replaced;
@@ -389,14 +422,14 @@ class EnvPool:
     """
 
     def __init__(self, size: int, root: str = DEFAULT_ROOT, *, max_interactions: int = 40,
-                 reward: str = "fraction", prompt: str = "full", tokenizer=None, max_obs_tokens: int = 3000,
+                 reward: str = "fraction", prompt: str = "paper", tokenizer=None, max_obs_tokens: int = 3000,
                  timeout: float = 120.0, exec_timeout: int = 60, recycle_after: int = 100):
         if size < 1:
             raise ValueError("EnvPool needs at least one worker.")
         if reward not in REWARDS:
             raise ValueError(f"Unknown reward {reward!r}; expected one of {REWARDS}.")
-        if prompt not in ("full", "short"):
-            raise ValueError(f"Unknown prompt {prompt!r}; expected 'full' or 'short'.")
+        if prompt not in PROMPTS:
+            raise ValueError(f"Unknown prompt {prompt!r}; expected one of {tuple(PROMPTS)}.")
         if not os.path.isdir(os.path.join(root, "data", "tasks")):
             raise _missing_data_error(root)
         ensure_appworld_installed()
@@ -500,7 +533,7 @@ class EnvPool:
             if status != "ok":
                 raise RuntimeError(f"Could not open task {task_id} in slot {slot}: {reply}")
             self._workers[slot]["episodes"] += 1
-            self._episodes[slot] = _Episode(task_id, reply["instruction"])
+            self._episodes[slot] = _Episode(task_id, reminder(reply, self.prompt))
             messages.append(opening_messages(reply, self.prompt))
         return messages
 
@@ -543,6 +576,27 @@ class EnvPool:
             results[slot] = result
         return [results[slot] for slot in slots]
 
+    def score(self, slots: list[int]) -> list[StepResult]:
+        """End each slot's running episode and score it as it stands, by the task's unit tests (e.g.
+        an episode cut by the policy's context limit: the official code pays it its partial credit)."""
+        if len(set(slots)) != len(slots):
+            raise ValueError("score needs distinct slots.")
+        for slot in slots:
+            self._check_slot(slot)
+            if self._episodes[slot] is None or self._episodes[slot].done:
+                raise ValueError(f"Slot {slot} has no running episode to score.")
+            self._episodes[slot].done = True
+        results = {}
+        for slot, (status, reply) in self._call({s: ("evaluate",) for s in slots}, self.timeout).items():
+            if status == "ok":
+                results[slot] = StepResult("", done=True)
+                self._score(results[slot], reply["evaluation"], completed=False)
+            else:
+                why = reply if status == "failed" else f"worker error: {reply}"
+                results[slot] = StepResult(f"The environment failed: {why}", done=True,
+                                           info={"env_failed": True, "error": why})
+        return [results[slot] for slot in slots]
+
     def _check_slot(self, slot: int) -> None:
         if not 0 <= slot < len(self._workers):
             raise ValueError(f"No slot {slot}: this pool has slots 0..{len(self._workers) - 1}.")
@@ -555,7 +609,7 @@ class EnvPool:
                           f"\n[... output truncated: {len(ids) - self.max_obs_tokens} more tokens not shown]")
         else:  # about 4 characters per token
             output = cap_chars(output, 4 * self.max_obs_tokens)
-        return f"{output.rstrip()}\n\n{reminder(episode.instruction)}"
+        return f"{output.rstrip()}\n\n{episode.reminder}"
 
     def _score(self, result: StepResult, evaluation: dict, completed: bool) -> None:
         result.success, result.pass_count = evaluation["success"], evaluation["pass_count"]
@@ -811,7 +865,7 @@ def _build_world(root: str, fingerprint: str) -> None:
           f"{time.time() - started:.0f} s", flush=True)
 
 
-def show_episode(task_id: str, root: str = DEFAULT_ROOT, prompt: str = "full") -> None:
+def show_episode(task_id: str, root: str = DEFAULT_ROOT, prompt: str = "paper") -> None:
     """Print a whole episode of a mini-world task played by its scripted solution: what the agent
     sees, what it writes, and how AppWorld scores it."""
     with EnvPool(1, root, prompt=prompt) as pool:
@@ -833,7 +887,7 @@ def main() -> None:
     setup.add_argument("--force", action="store_true", help="rebuild even if already built")
     show = commands.add_parser("show", help="print an episode of a task played by its scripted solution")
     show.add_argument("task_id")
-    show.add_argument("--prompt", default="full", choices=("full", "short"))
+    show.add_argument("--prompt", default="paper", choices=tuple(PROMPTS))
     for command in (setup, show):
         command.add_argument("--root", default=DEFAULT_ROOT, help="AppWorld root (its data is in ROOT/data)")
     args = parser.parse_args()

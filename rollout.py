@@ -20,9 +20,9 @@ Choices worth knowing:
 - Context limit: an episode ends with "context_limit" when its next observation plus at least one
   new token would not fit `max_seq_len`, or when a turn is cut by that budget (rather than by
   `max_new_tokens`). The cut turn stays in the sequence (its tokens were sampled) but the
-  environment never sees it. No extra evaluation is requested: reward, success and test counts are
-  whatever the environment's last step reported (0 before any step), so a cut episode usually
-  scores 0, never a silently truncated trajectory.
+  environment never runs it. The episode is then scored as it stands (`envs.score`: the task's unit
+  tests, the official code's partial credit); with `score_cut=False` it is not evaluated and keeps
+  reward 0.
 - Greedy decoding records log-probs at temperature 1. Sampling draws from torch's global RNG:
   seed each rank differently.
 - Under FSDP the sampling phase gathers the weights once (`model.gathered`), instead of one
@@ -275,14 +275,17 @@ def sample(model, prompts, budgets, *, eos_id, pad_id, temperature=1.0, greedy=F
 
 
 def collect(model, tokenizer, envs, task_ids, k, *, temperature=1.0, greedy=False, max_new_tokens=1500,
-            max_seq_len=32768, max_turns=None, gather_weights=True, reuse_cache=True, progress=True):
+            max_seq_len=32768, max_turns=None, score_cut=True, gather_weights=True, reuse_cache=True, progress=True):
     """Run K episodes of each task and return them task-major (task 0 x k, task 1 x k, ...).
 
-    `envs` has len(envs) worker slots, `reset(slots, task_ids) -> opening messages per slot` and
-    `step(slots, texts) -> StepResult per slot` (appworld_env.EnvPool). At most len(envs) episodes
-    are live at once; a pending episode starts as soon as a slot frees. Each round generates the
-    next turn of every live episode in one batch, then steps all their environments together.
+    `envs` has len(envs) worker slots, `reset(slots, task_ids) -> opening messages per slot`,
+    `step(slots, texts) -> StepResult per slot` and `score(slots) -> StepResult per slot`
+    (appworld_env.EnvPool). At most len(envs) episodes are live at once; a pending episode starts as
+    soon as a slot frees. Each round generates the next turn of every live episode in one batch,
+    then steps all their environments together.
     `max_turns` (None: leave it to the environment) ends an episode with "turn_limit".
+    `score_cut`: score an episode cut by `max_seq_len` as it stands (one batched `envs.score` call
+    per round); off, its reward stays 0.
     `gather_weights`: a sharded model keeps its full weights during the phase (model.gathered);
     turn it off when one full copy does not fit on a device (then every step all-gathers).
     `reuse_cache`: keep each live episode's key/value states between its turns, so a turn prefills
@@ -306,6 +309,11 @@ def collect(model, tokenizer, envs, task_ids, k, *, temperature=1.0, greedy=Fals
 
     kv = {}  # episode index -> its key/value states from the last turn (reuse_cache)
 
+    def record(e, r):  # an environment's StepResult into the episode
+        e.reward, e.success = float(r.reward), bool(r.success)
+        e.pass_count, e.num_tests = r.pass_count, r.num_tests
+        e.info = dict(r.info or {})
+
     def finish(slot, reason):
         i = live.pop(slot)
         kv.pop(i, None)
@@ -315,6 +323,13 @@ def collect(model, tokenizer, envs, task_ids, k, *, temperature=1.0, greedy=Fals
         free.append(slot)
         bar.update(1)
         bar.set_postfix(reward=f"{sum(rewards) / len(rewards):.3f}", refresh=False)
+
+    def finish_cut(slots):  # episodes that reached the context limit
+        if slots and score_cut:
+            for slot, r in zip(slots, envs.score(slots)):
+                record(episodes[live[slot]], r)
+        for slot in slots:
+            finish(slot, "env_failed" if episodes[live[slot]].info.get("env_failed") else "context_limit")
 
     # Under FSDP, gather the weights once for the whole phase rather than per layer per token.
     with gathered(model) if gather_weights else contextlib.nullcontext():
@@ -327,8 +342,7 @@ def collect(model, tokenizer, envs, task_ids, k, *, temperature=1.0, greedy=Fals
                 for slot, i, messages in zip(slots, starting, opening):
                     live[slot] = i
                     episodes[i].append(prompt_ids(tokenizer, messages))
-                    if len(episodes[i].token_ids) >= max_seq_len:
-                        finish(slot, "context_limit")
+                finish_cut([s for s in slots if len(episodes[live[s]].token_ids) >= max_seq_len])
                 continue  # slots freed just now are refilled before generating
             if not (_anyone(bool(live)) if synced else live):
                 break
@@ -348,13 +362,13 @@ def collect(model, tokenizer, envs, task_ids, k, *, temperature=1.0, greedy=Fals
                 sample(model, [[eos_id]], [1], eos_id=eos_id, pad_id=pad_id, temperature=temperature, greedy=greedy)
                 continue
 
-            to_step, texts = [], []
+            to_step, texts, cut = [], [], []
             for slot, e, ids, lps, budget in zip(slots, eps, new_ids, new_logprobs, budgets):
                 e.append(ids, agent=True, logprobs=lps)
                 e.num_turns += 1
                 if ids[-1] != eos_id:
                     if budget < max_new_tokens or len(e.token_ids) + 1 > max_seq_len:
-                        finish(slot, "context_limit")  # cut by the context, not by max_new_tokens
+                        cut.append(slot)  # cut by the context, not by max_new_tokens: never run
                         continue
                     e.append([eos_id])  # close the cut turn; not sampled, so not an agent token
                 to_step.append(slot)
@@ -364,9 +378,7 @@ def collect(model, tokenizer, envs, task_ids, k, *, temperature=1.0, greedy=Fals
             results = envs.step(to_step, texts) if to_step else []
             for slot, r in zip(to_step, results):
                 e = episodes[live[slot]]
-                e.reward, e.success = float(r.reward), bool(r.success)
-                e.pass_count, e.num_tests = r.pass_count, r.num_tests
-                e.info = dict(r.info or {})
+                record(e, r)
                 if e.info.get("env_failed"):
                     finish(slot, "env_failed")
                 elif r.done:
@@ -378,8 +390,9 @@ def collect(model, tokenizer, envs, task_ids, k, *, temperature=1.0, greedy=Fals
                 else:
                     obs = observation_ids(tokenizer, r.observation)
                     if len(e.token_ids) + len(obs) + 1 > max_seq_len:  # no room for the observation and a token
-                        finish(slot, "context_limit")
+                        cut.append(slot)
                     else:
                         e.append(obs)
+            finish_cut(cut)
     bar.close()
     return episodes

@@ -346,24 +346,58 @@ def test_env_reward_modes_fraction_binary_progress(pool):
     assert "Interaction limit (20) reached" in result.observation
 
 
+def _specs(root, task_id):
+    with open(os.path.join(root, "data", "tasks", task_id, "specs.json")) as file:
+        return json.load(file)
+
+
 def test_env_prompt_never_contains_the_ground_truth_answer(pool, world_root):
     ids = env.load_task_ids("train") + env.load_task_ids("dev")
+    answers = {t: _answer(world_root, t) for t in ids}
+    # the demonstration is another person and a task of no split
+    instructions = {_specs(world_root, t)["instruction"] for t in ids}
+    assert env.DEMO_TASK["instruction"] not in instructions
+    from mini_world.world import PEOPLE
+    assert env.DEMO_TASK["supervisor"]["email"] not in {p["email"] for p in PEOPLE}
     for start in range(0, len(ids), 2):
         batch = ids[start:start + 2]
-        for task_id, messages in zip(batch, pool.reset(list(range(len(batch))), batch)):
-            assert [m["role"] for m in messages] == ["system", "user"]
-            answer = _answer(world_root, task_id)
-            if answer is None:  # an action task: its checks are not in the prompt either
-                continue
-            with open(os.path.join(world_root, "data", "tasks", task_id, "specs.json")) as file:
-                short = env.opening_messages(json.load(file), "short")
-            for prompt in (messages, short):
-                text = " ".join(m["content"] for m in prompt)
-                task_part = text[text.index("Date and time:"):]
-                # the answer is nowhere in the task's own part; a long answer nowhere at all (the
-                # shared instructions and demo hold small numbers like 0 or 20, the same for every task)
-                assert not re.search(rf"(?<![\w.]){re.escape(str(answer))}(?![\w.])", task_part), task_id
-                assert len(str(answer)) < 3 or str(answer) not in text, task_id
+        for task_id, messages in zip(batch, pool.reset(list(range(len(batch))), batch)):  # the pool's: paper
+            for opening in (messages, env.opening_messages(_specs(world_root, task_id), "short")):
+                text = " ".join(m["content"] for m in opening)
+                task_part = opening[-1]["content"]  # the task block, the only part that differs per task
+                assert task_part.endswith(_specs(world_root, task_id)["instruction"])
+                shared = text[:text.rindex("Date and time:")]  # instructions (and demonstration): every task's
+                # the task's answer is not in its task part, nor (if long) anywhere; the shared part
+                # holds no long answer of any task (only small numbers like 3 or 9, the same for all)
+                answer = answers[task_id]
+                if answer is not None:  # an action task: its checks are not in the prompt either
+                    assert not re.search(rf"(?<![\w.]){re.escape(str(answer))}(?![\w.])", task_part), task_id
+                    assert len(str(answer)) < 3 or str(answer) not in text, task_id
+                for other in answers.values():
+                    assert other is None or len(str(other)) < 3 or str(other) not in shared, (task_id, other)
+
+
+def test_env_paper_prompt_demo_is_chat_turns_and_every_observation_carries_the_task_block(pool, world_root):
+    messages = pool.reset([0], ["birthday_1"])[0]
+    block = messages[-1]["content"].split("\n", 1)[1]  # the task block: date, supervisor, task
+    assert block.startswith("Date and time: 2023") and block.endswith(env.task_block(_specs(world_root, "birthday_1")).split("\n", 1)[1])
+    roles = [m["role"] for m in messages]
+    # system, then user and assistant alternate: the demonstration's turns are real chat messages
+    assert roles == ["system"] + ["user", "assistant"] * (len(roles) // 2 - 1) + ["user"]
+    demo = messages[2:-1]
+    assert len(demo) >= 5 and demo[0]["role"] == "assistant" and demo[-1]["role"] == "assistant"
+    for m in demo[::2]:  # each assistant turn: a thought, then one python block
+        assert m["content"].count("```python") == 1 and not m["content"].startswith("```")
+    assert "complete_task" in demo[-1]["content"]
+    _, tok = _tiny()  # SmolLM2's ChatML template renders every message as its own turn, in order
+    text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert re.findall(r"<\|im_start\|>(\w+)\n", text) == roles + ["assistant"]
+    position = 0
+    for m in messages:
+        position = text.index(m["content"], position)
+    for agent_text in (NO_CODE, "```python\nprint(1 +)\n```", "```python\nprint('ok')\n```"):
+        observation = pool.step([0], [agent_text])[0].observation
+        assert observation.endswith("\n\nAs a reminder, my task:\n" + block), observation
 
 
 def test_env_bad_inputs_get_clear_observations_and_the_episode_goes_on(pool, world_root):
@@ -388,7 +422,7 @@ def test_env_bad_inputs_get_clear_observations_and_the_episode_goes_on(pool, wor
     for text, expected in cases:
         result = pool.step([0], [text])[0]
         assert expected in result.observation and not result.done, (text, result.observation[:300])
-        assert "Your task: What is my date of birth?" in result.observation  # the reminder
+        assert "Task: What is my date of birth?" in result.observation  # the reminder
         assert len(result.observation) < 4 * 3000 + 500  # the 10 MB print arrived cut
     assert pool.worker_pid(0) == pid  # AppWorld's own alarm stopped the loop: same worker
     result = pool.step([0], env.solution("birthday_1"))[0]  # and the task can still be solved
@@ -738,6 +772,11 @@ class ToyEnvs:
                                success=done, pass_count=n, num_tests=self.turns))
         return out
 
+    def score(self, slots):  # scored as it stands: partial credit, one test per step taken of 4
+        self.scored = getattr(self, "scored", []) + [list(slots)]
+        return [ToyStep("", True, reward=len(self.current[s]) / 4 + 0.25, pass_count=len(self.current[s]) + 1,
+                        num_tests=4) for s in slots]
+
 
 def _collect(m, tok, envs, task_ids, k, **kw):
     kw = {"max_new_tokens": 6, "max_seq_len": 400, "progress": False, **kw}
@@ -861,16 +900,22 @@ def test_rollout_more_episodes_than_slots_run_in_waves_and_return_task_major():
     assert all(e.end_reason == "completed" and e.num_turns == 2 and e.num_tests == 2 for e in eps)
 
 
-def test_rollout_context_limit_ends_the_episode_without_overflow():
+def test_rollout_context_limit_ends_the_episode_without_overflow_and_scores_it_as_it_stands():
     m, tok = _tiny()
     opening_len = len(rollout.prompt_ids(tok, ToyEnvs(1).reset([0], ["a"])[0]))
     for max_seq_len in (opening_len, opening_len + 3, opening_len + 20):
-        envs = ToyEnvs(slots=2, turns=50)
-        eps = _collect(m, tok, envs, ["a"], 2, max_seq_len=max_seq_len, max_new_tokens=6)
-        for e in eps:
-            assert e.end_reason == "context_limit" and len(e.token_ids) <= max_seq_len and e.reward == 0.0
-        if max_seq_len == opening_len + 3:  # the first turn is cut by the context: env never sees it
-            assert all(e.num_turns == 1 and sum(e.agent_mask) == 3 for e in eps) and envs.transcripts[0] == []
+        for score_cut in (True, False):
+            envs = ToyEnvs(slots=2, turns=50)
+            eps = _collect(m, tok, envs, ["a"], 2, max_seq_len=max_seq_len, max_new_tokens=6, score_cut=score_cut)
+            for e, transcript in zip(eps, envs.transcripts):
+                assert e.end_reason == "context_limit" and len(e.token_ids) <= max_seq_len
+                # scored: the environment's partial credit for the steps it saw; not scored: 0
+                assert e.reward == (len(transcript) / 4 + 0.25 if score_cut else 0.0)
+                assert (e.num_tests == 4) == score_cut
+            # both episodes reach the limit in the same round: one batched score call
+            assert getattr(envs, "scored", []) == ([[0, 1]] if score_cut else [])
+            if max_seq_len == opening_len + 3:  # the first turn is cut by the context: env never sees it
+                assert all(e.num_turns == 1 and sum(e.agent_mask) == 3 for e in eps) and envs.transcripts[0] == []
 
 
 def test_rollout_turn_limit_and_env_failure_end_episodes():
@@ -916,6 +961,24 @@ def test_rollout_on_the_mini_world_keeps_exact_tokens_and_scores():
     with torch.no_grad():
         lp = model.token_logprobs(m, batch.input_ids, batch.attention_mask)  # (B, T-1)
     torch.testing.assert_close(lp[batch.agent_mask], batch.sampler_logprobs[batch.agent_mask], atol=1e-4, rtol=0)
+
+
+def test_rollout_a_mini_world_episode_cut_by_the_context_limit_earns_its_partial_credit(pool):
+    """The agent's turns do not fit the context: the episode is scored as it stands by AppWorld's
+    tests, and doing nothing passes those that check nothing else changed (1/2 on birthday, 2/3 on
+    likesong under the fraction reward); with score_cut off it earns 0."""
+    m, tok = _tiny()
+    tasks = ["birthday_1", "likesong_1"]
+    limit = max(len(rollout.prompt_ids(tok, o)) for o in pool.reset([0, 1], tasks)) + 3
+    for score_cut, want in ((True, [1 / 2, 2 / 3]), (False, [0.0, 0.0])):
+        eps = _collect(m, tok, pool, tasks, 1, max_seq_len=limit, max_new_tokens=8, score_cut=score_cut)
+        assert [e.end_reason for e in eps] == ["context_limit"] * 2 and [e.reward for e in eps] == want
+        assert all(len(e.token_ids) <= limit and not e.success for e in eps)
+        if score_cut:
+            assert [(e.pass_count, e.num_tests) for e in eps] == [(1, 2), (2, 3)]
+            assert all(e.info["completed"] is False for e in eps)
+            with pytest.raises(ValueError, match="no running episode"):  # score ended the episode
+                pool.score([0])
 
 
 def _fsdp_rollout_worker():
@@ -1027,6 +1090,9 @@ class CapitalLetterEnv:
         ok = [t.strip()[:1].isupper() for t in texts]
         return [StepResult(observation="", done=True, reward=float(o), success=o) for o in ok]
 
+    def score(self, slots):  # an episode cut before its reply is scored as empty
+        return [StepResult(observation="", done=True) for _ in slots]
+
     def close(self):
         pass
 
@@ -1118,13 +1184,13 @@ def test_train_warm_start_learns_the_scripted_tokens_and_resume_skips_it(tmp_pat
         want = [tok.encode(turn, add_special_tokens=False) + [tok.eos_token_id] for turn in env.solution(e.task_id, world_root)]
         assert _runs(e) == want
     saved, real_save = [], train.save_checkpoint
-    monkeypatch.setattr(train, "save_checkpoint", lambda path, *a: (saved.append(a[-2]), real_save(path, *a)))
+    monkeypatch.setattr(train, "save_checkpoint", lambda path, *a, **kw: (saved.append(a[-2]), real_save(path, *a, **kw)))
     flags = ["--model", "tiny", "--lora-rank", "0", "--k", "2", "--tasks-per-iter", "1", "--minibatch", "2",
-             "--micro-batch", "2", "--max-new-tokens", "4", "--eval-every", "0", "--warm-start-epochs", "3",
-             "--warm-start-lr", "1e-2", "--out-dir", str(tmp_path / "ws"), "--prompt", "short"]
+             "--micro-batch", "2", "--max-new-tokens", "4", "--eval-every", "0", "--warm-start-epochs", "4",
+             "--warm-start-lr", "1e-2", "--out-dir", str(tmp_path / "ws")]
     history = train.main(flags + ["--iterations", "1"], envs=pool, train_tasks=tasks, eval_tasks=tasks)
     nll = [row["nll"] for row in history if row.get("phase") == "warm_start"]
-    assert len(nll) == 3 and nll[2] < nll[0] / 2, nll
+    assert len(nll) == 4 and nll[3] < nll[0] / 2, nll
     assert saved == [0, 1]  # the warm start is checkpointed before the first iteration
     history = train.main(flags + ["--iterations", "2", "--resume"], envs=pool, train_tasks=tasks, eval_tasks=tasks)
     assert [row.get("phase") for row in history] == [None] and history[0]["iteration"] == 2
@@ -1152,6 +1218,80 @@ def test_train_ppo_update_is_the_same_whatever_the_micro_batch_split():
     for micro in (1, 3):
         for k in after[6]:
             torch.testing.assert_close(after[micro][k], after[6][k], atol=1e-6, rtol=1e-5, msg=k)
+
+
+def test_train_loss_divisor_minibatch_changes_only_the_short_last_minibatch():
+    """--loss-divisor minibatch (the official code's constant) gives a full minibatch the gradient
+    of --loss-divisor count (its mean loss) and a short last one (2 of 4 trajectories) half of it."""
+    m, tok = _tiny()
+    eps = _collect(m, tok, ToyEnvs(slots=6, turns=1), ["a", "b", "c"], 2)
+    adv = [0.5, -0.5, 1.0, -1.0, 0.25, -0.25]
+
+    class Recorder:  # an optimizer that keeps each step's gradient and moves nothing
+        def __init__(self, params):
+            self.params, self.grads = list(params), []
+
+        def step(self):
+            self.grads.append(torch.cat([p.grad.flatten() for p in self.params]))
+
+        def zero_grad(self, set_to_none=True):
+            for p in self.params:
+                p.grad = None
+
+    grads = {}
+    for divisor in ("count", "minibatch"):
+        torch.manual_seed(0)  # the same shuffle into minibatches
+        opt = Recorder(m.parameters())
+        args = train.Args(minibatch=4, micro_batch=2, epochs=1, grad_clip=1e9, loss_divisor=divisor)
+        train.ppo_update(m, opt, eps, adv, eps[0], args, world_size=1, device=torch.device("cpu"))
+        grads[divisor] = opt.grads
+    assert len(grads["count"]) == 2 and grads["count"][1].abs().max() > 0  # minibatches of 4 and 2
+    torch.testing.assert_close(grads["minibatch"][0], grads["count"][0])
+    torch.testing.assert_close(grads["minibatch"][1], grads["count"][1] / 2)
+
+
+def test_train_eval_runs_report_the_mean_and_std_over_runs(tmp_path, monkeypatch):
+    runs = []  # what evaluation's collect returned: each task's 2 episodes together, run 0 then run 1
+    real = rollout.collect
+    monkeypatch.setattr(rollout, "collect", lambda *a, **kw: runs.append(real(*a, **kw)) or runs[-1])
+    tasks = [f"t{i}" for i in range(8)]
+    history = train.main(["--model", "tiny", "--eval-only", "--eval-runs", "2", "--eval-temperature", "1.0",
+                          "--max-new-tokens", "1", "--split", "dev", "--out-dir", str(tmp_path / "eval")],
+                         envs=CapitalLetterEnv(32), train_tasks=tasks, eval_tasks=tasks)
+    (row,) = history
+    (episodes,) = runs
+    tgc = [sum(e.success for e in episodes[j::2]) / 8 for j in (0, 1)]  # one task per scenario: SGC = TGC
+    assert row["eval_runs"] == 2 and [e.task_id for e in episodes[::2]] == tasks
+    assert row["dev_tgc"] == pytest.approx(sum(tgc) / 2) == row["dev_sgc"]
+    assert row["dev_tgc_std"] == pytest.approx(abs(tgc[0] - tgc[1]) / 2 ** 0.5) == row["dev_sgc_std"]
+    saved = json.loads((tmp_path / "eval" / "metrics.jsonl").read_text())
+    assert saved["dev_tgc_std"] == row["dev_tgc_std"]
+
+
+def test_train_best_is_the_model_of_the_best_dev_evaluation_and_opens_with_from_pretrained(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    def weights(path):
+        return AutoModelForCausalLM.from_pretrained(path).state_dict()
+
+    def run(iterations, *extra, name):
+        return train.main(TOY_FLAGS + ["--iterations", str(iterations), "--out-dir", str(tmp_path / name), *extra],
+                          envs=CapitalLetterEnv(32), train_tasks=[f"t{i}" for i in range(8)],
+                          eval_tasks=[f"d{i}" for i in range(6)])
+
+    evals = [r for r in run(4, "--eval-every", "1", name="run") if r.get("phase") == "eval"]
+    assert [r["iteration"] for r in evals] == [0, 1, 2, 3, 4]
+    best = None  # (dev TGC, dev SGC): the first evaluation, then each strict improvement
+    for r in evals:
+        assert r["best"] == (best is None or (r["dev_tgc"], r["dev_sgc"]) > best), evals
+        best = (r["dev_tgc"], r["dev_sgc"]) if r["best"] else best
+    ckpt = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
+    assert tuple(ckpt["best"]) == best  # --resume keeps comparing against it
+    at = max(r["iteration"] for r in evals if r["best"])
+    run(at, "--eval-every", "0", name="reference")  # a run is a function of its seed: the model after `at` iterations
+    got, want = weights(tmp_path / "run" / "best"), weights(tmp_path / "reference" / "final")
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    assert not (tmp_path / "run" / "best.tmp").exists()
 
 
 def test_train_task_draws_visit_every_task_once_per_pass():
@@ -1182,7 +1322,9 @@ def test_train_help_lists_every_flag_with_its_docstring():
     (["--k", "1"], "--k"), (["--eps", "0"], "--eps"), (["--minibatch", "30", "--micro-batch", "4"], "--micro-batch"),
     (["--level", "episode"], "--level"), (["--train-split", "validation"], "--train-split"),
     (["--clip", "huber"], "--clip"), (["--tasks-per-iter", "0"], "--tasks-per-iter"),
-    (["--bf16-sampling", "--dtype", "bfloat16"], "--bf16-sampling"),
+    (["--bf16-sampling", "--dtype", "bfloat16"], "--bf16-sampling"), (["--prompt", "full"], "--prompt"),
+    (["--loss-divisor", "mean"], "--loss-divisor"), (["--eval-runs", "0"], "--eval-runs"),
+    (["--eval-temperature", "-1"], "--eval-temperature"),
 ])
 def test_train_invalid_settings_fail_before_any_work_naming_the_flag(flags, named):
     with pytest.raises(SystemExit, match=named):

@@ -4,8 +4,8 @@ The paper's run (Chen et al. 2025, arXiv 2502.01600), real AppWorld data, one 8-
     APPWORLD_ROOT=/path/with/data torchrun --nproc_per_node 8 train.py --model Qwen/Qwen2.5-32B-Instruct
 The offline default (the mini-world, SmolLM2-135M, a CPU; 32-37 min on 2 cores with AMX or AVX512-BF16):
     python train.py
-Evaluation only:
-    python train.py --eval-only --split test_normal --checkpoint runs/loop/final
+Evaluation only; the paper's protocol (the best checkpoint on dev, mean +- std over 5 runs on test):
+    python train.py --eval-only --checkpoint runs/loop/best --split test_normal --eval-runs 5
 
 One iteration (Algorithm 1 of the paper, App. D for the details):
     sample tasks -> K rollouts per task on one rank (rollout.collect) -> leave-one-out advantages
@@ -22,6 +22,7 @@ import json
 import math
 import os
 import random
+import shutil
 import time
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -66,8 +67,10 @@ class Args:
     """under FSDP, hold the full weights on every rank while sampling (one all-gather per phase; needs a
     whole copy per GPU, 64 GB for Qwen2.5-32B in bf16). Turned off, every decoding step all-gathers
     layer by layer instead: slower, but leaves the memory to the KV cache"""
-    prompt: str = "full"
-    """'full' ReAct instructions with a worked demonstration, or 'short' for small models"""
+    prompt: str = "paper"
+    """'paper': the paper's structure (ReAct instructions, a worked demonstration as chat turns, the whole task block after every observation); 'short': a few lines, for small models"""
+    score_cut_episodes: bool = True
+    """score an episode that fills max_seq_len by the task's unit tests as it stands (the official code's partial credit); off: reward 0"""
     # --- LOOP
     k: int = 6
     """rollouts per task (K)"""
@@ -97,10 +100,12 @@ class Args:
     """AdamW weight decay"""
     adam_eps: float = 1e-8
     """AdamW epsilon. Near the size of a typical gradient entry (~1e-4 for the offline LoRA), entries with small, noisy gradients move in proportion to them instead of by about lr each"""
+    loss_divisor: str = "count"
+    """what a minibatch's summed trajectory objectives are divided by: 'count', the trajectories it holds, or 'minibatch', the constant --minibatch (the official code: a short last minibatch takes a smaller step)"""
     grad_clip: float = 1.0
-    """clip the gradient norm to this"""
+    """clip the global norm of each minibatch's gradient (that of its mean loss, or of sum / --minibatch) to this (the paper: 1.0)"""
     temperature: float = 1.0
-    """sampling temperature for training rollouts (evaluation is greedy)"""
+    """sampling temperature for training rollouts"""
     max_new_tokens: int = 1500
     """tokens the agent may write per turn"""
     max_obs_tokens: int = 3000
@@ -113,7 +118,11 @@ class Args:
     """learning rate of the warm start"""
     # --- evaluation, checkpoints, run
     eval_every: int = 10
-    """evaluate (greedy) on the training tasks and eval_split before training, every this many iterations and at the end; 0: never"""
+    """evaluate on the training tasks and eval_split before training, every this many iterations and at the end; 0: never"""
+    eval_temperature: float = 0.0
+    """sampling temperature of evaluation episodes; 0: greedy (the official evaluation script samples at 0.1)"""
+    eval_runs: int = 1
+    """evaluation runs (one episode per task each); above 1, metrics give the mean and the sample std of TGC and SGC over runs (the paper: 5)"""
     eval_split: str = "dev"
     """split for evaluation during training"""
     eval_max_interactions: int = 50
@@ -121,7 +130,7 @@ class Args:
     save_every: int = 10
     """checkpoint every this many iterations (and at the end)"""
     out_dir: str = "runs/loop"
-    """run folder: metrics.jsonl, checkpoint.pt, final/ (a from_pretrained-able model)"""
+    """run folder: metrics.jsonl, checkpoint.pt, final/ and best/ (from_pretrained-able models; best/ is the best on eval_split)"""
     resume: bool = False
     """continue from out_dir/checkpoint.pt"""
     eval_only: bool = False
@@ -217,13 +226,16 @@ def validate(args: Args, world_size: int) -> None:
         bad("micro_batch", f"must divide the per-rank minibatch {args.minibatch // world_size}")
     for name, allowed in [("estimator", ("loop", "loop_rwnorm", "grpo")), ("level", ("token", "turn", "trajectory")),
                           ("clip", ("paper", "official", "none")), ("reward", ("fraction", "binary", "progress")),
-                          ("prompt", ("full", "short")), ("dtype", ("auto", "bfloat16", "float32"))]:
+                          ("prompt", tuple(appworld_env.PROMPTS)), ("loss_divisor", ("count", "minibatch")),
+                          ("dtype", ("auto", "bfloat16", "float32"))]:
         if getattr(args, name) not in allowed:
             bad(name, f"must be one of {allowed}, got {getattr(args, name)!r}")
     for name in ("train_split", "eval_split", "split"):
         if getattr(args, name) not in appworld_env.SPLITS:
             bad(name, f"unknown split {getattr(args, name)!r}; AppWorld's are {appworld_env.SPLITS}")
-    for name in ("iterations", "epochs", "max_interactions", "max_new_tokens", "env_workers"):
+    if args.eval_temperature < 0:
+        bad("eval_temperature", f"must be >= 0 (0: greedy), got {args.eval_temperature}")
+    for name in ("iterations", "epochs", "max_interactions", "max_new_tokens", "env_workers", "eval_runs"):
         if getattr(args, name) < 1:
             bad(name, "must be at least 1")
     if args.bf16_sampling and (args.dtype == "bfloat16" or (args.dtype == "auto" and torch.cuda.is_available())):
@@ -359,7 +371,9 @@ def ppo_update(model, optimizer, episodes, advantages, spare, args: Args, world_
     (a rank with no trajectories left runs the `spare` episode, also scaled by 0).
     Each minibatch's gradient is that of the mean loss over its trajectories on all ranks,
     whatever the split: every micro-batch divides its sum by (global count / world size), and FSDP
-    averages gradients over ranks (tested in loop.py's split test and by the 2-rank test).
+    averages gradients over ranks (tested in loop.py's split test and by the 2-rank test). With
+    --loss-divisor minibatch the global count is replaced by the constant --minibatch, which changes
+    only a short last minibatch.
     """
     per_rank = args.minibatch // world_size
     n_micro = per_rank // args.micro_batch
@@ -378,7 +392,7 @@ def ppo_update(model, optimizer, episodes, advantages, spare, args: Args, world_
         order = torch.randperm(n_real).tolist()  # trajectories of all this rank's tasks, mixed
         for i in range(n_minibatches):
             rows = by_length(batch, order[i * per_rank:(i + 1) * per_rank])  # same minibatch, less padding
-            n_global = all_sum(len(rows))
+            n_global = all_sum(len(rows)) if args.loss_divisor == "count" else args.minibatch
             for j in range(n_micro):
                 micro, scale = rows[j * args.micro_batch:(j + 1) * args.micro_batch], 1.0
                 if not micro:  # keep in step with the other ranks, contribute nothing
@@ -423,8 +437,9 @@ def summary(history: list[dict]) -> str:
         lines.append("success per pass over the training tasks: " + "  ".join(f"{p}: {x:.3f}" for p, x in zip(passes, rates)))
     for r in history:
         if r.get("phase") == "eval":
-            scores = "  ".join(f"{k} {v:.3f}" for k, v in r.items() if k.endswith(("_tgc", "_sgc", "_reward")))
-            lines.append(f"eval after iteration {r.get('iteration', 0)}: {scores}")
+            scores = "  ".join(f"{k} {v:.3f}" + (f" +- {r[k + '_std']:.3f}" if k + "_std" in r else "")
+                               for k, v in r.items() if k.endswith(("_tgc", "_sgc", "_reward")))
+            lines.append(f"eval after iteration {r.get('iteration', 0)}: {scores}" + (" (best)" if r.get("best") else ""))
     return "\n".join(lines)
 
 
@@ -448,43 +463,56 @@ def sampler(model, args: Args):
 
 
 def evaluate(model, tokenizer, envs, splits: dict[str, list[str]], args: Args, rank: int, world_size: int) -> dict:
-    """Greedy, one episode per task, each rank its share; AppWorld's TGC and SGC per split. All
-    splits go through one collect call, so the environment slots stay busy across them."""
+    """--eval-runs runs of one episode per task (greedy, or at --eval-temperature), each rank its
+    share of the tasks; AppWorld's TGC and SGC per split and run, then their mean (`dev_tgc`, ...)
+    and, over several runs, their sample std (`dev_tgc_std`, ...). All splits and runs go through
+    one collect call, so the environment slots stay busy across them."""
     limit, envs.max_interactions = envs.max_interactions, args.eval_max_interactions
     t0 = time.time()
     mine = [t for task_ids in splits.values() for t in my_share(task_ids, rank, world_size)]
+    runs = args.eval_runs
     try:  # every rank calls collect, even with no tasks: its forward passes are FSDP collectives
-        episodes = rollout.collect(sampler(model, args), tokenizer, envs, mine, 1, greedy=True,
+        episodes = rollout.collect(sampler(model, args), tokenizer, envs, mine, runs,
+                                   greedy=args.eval_temperature == 0, temperature=args.eval_temperature or 1.0,
                                    max_new_tokens=args.max_new_tokens, max_seq_len=args.max_seq_len,
-                                   gather_weights=args.sample_gathered, progress=rank == 0)
+                                   score_cut=args.score_cut_episodes, gather_weights=args.sample_gathered,
+                                   progress=rank == 0)
     finally:
         envs.max_interactions = limit
-    done = all_gather_list([(e.task_id, e.success, e.reward) for e in episodes])
-    metrics = {}
+    # collect returns each task's `runs` episodes together: the j-th is run j's
+    done = all_gather_list([(e.task_id, i % runs, e.success, e.reward) for i, e in enumerate(episodes)])
+    metrics = {"eval_runs": runs}
     for split, task_ids in splits.items():
         ids = set(task_ids)
-        ours = [(t, s, r) for t, s, r in done if t in ids]
-        scores = appworld_env.task_metrics([t for t, _, _ in ours], [s for _, s, _ in ours])
-        metrics.update({f"{split}_tgc": scores["tgc"], f"{split}_sgc": scores["sgc"],
-                        f"{split}_reward": sum(r for _, _, r in ours) / len(ours)})
+        per_run = []  # (tgc, sgc, mean reward) of each run
+        for run in range(runs):
+            ours = [(t, s, r) for t, j, s, r in done if j == run and t in ids]
+            scores = appworld_env.task_metrics([t for t, _, _ in ours], [s for _, s, _ in ours])
+            per_run.append((scores["tgc"], scores["sgc"], sum(r for _, _, r in ours) / len(ours)))
+        tgc, sgc, reward = (np.array(x) for x in zip(*per_run))
+        metrics.update({f"{split}_tgc": float(tgc.mean()), f"{split}_sgc": float(sgc.mean()),
+                        f"{split}_reward": float(reward.mean())})
+        if runs > 1:
+            metrics.update({f"{split}_tgc_std": float(tgc.std(ddof=1)), f"{split}_sgc_std": float(sgc.std(ddof=1))})
     return {**metrics, "eval_s": time.time() - t0}
 
 
-def save_checkpoint(path: Path, model, optimizer, args: Args, iteration: int, master: bool) -> None:
-    """Trainable weights + optimizer state + iteration + args, written atomically on rank 0.
-
-    Under FSDP the full state is gathered first (every rank must call this)."""
+def save_checkpoint(path: Path, model, optimizer, args: Args, iteration: int, master: bool, best=None) -> None:
+    """Trainable weights + optimizer state + iteration + args + the score of best/, written
+    atomically on rank 0. Under FSDP the full state is gathered first (every rank must call this)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
     opts = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
     model_sd, optim_sd = get_state_dict(model, optimizer, options=opts)
     if master:
         tmp = path.with_suffix(".tmp")
-        torch.save(dict(model=model_sd, optimizer=optim_sd, iteration=iteration, args=dataclasses.asdict(args)), tmp)
+        torch.save(dict(model=model_sd, optimizer=optim_sd, iteration=iteration, args=dataclasses.asdict(args),
+                        best=best), tmp)
         os.replace(tmp, path)  # a crash mid-write never leaves a broken checkpoint behind
 
 
-def load_checkpoint(path: Path, model, optimizer) -> int:
-    """Restore trainable weights and optimizer state on every rank; returns the next iteration.
+def load_checkpoint(path: Path, model, optimizer) -> tuple[int, tuple | None]:
+    """Restore trainable weights and optimizer state on every rank; returns the next iteration and
+    the score of best/ (None before any evaluation).
 
     The optimizer's moments come from the checkpoint, its hyperparameters from this run's flags:
     a saved state dict carries the old lr and eps, and `--resume --lr 0` must mean lr 0."""
@@ -495,7 +523,21 @@ def load_checkpoint(path: Path, model, optimizer) -> int:
                    options=StateDictOptions(full_state_dict=True, strict=False))
     for group, f in zip(optimizer.param_groups, flags):
         group.update(f)
-    return ckpt["iteration"]
+    return ckpt["iteration"], ckpt.get("best")
+
+
+def save_best(model, tokenizer, out: Path, master: bool) -> None:
+    """Replace out/best (a from_pretrained folder) as a whole: the new one is written beside it
+    first, so a crash mid-write leaves the previous best/ in place. Every rank must call this."""
+    best, tmp, old = out / "best", out / "best.tmp", out / "best.old"
+    if master:
+        shutil.rmtree(tmp, ignore_errors=True)
+    M.save(model, tokenizer, tmp)  # a collective under FSDP; rank 0 writes
+    if master:
+        if best.exists():
+            os.replace(best, old)
+        os.replace(tmp, best)
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def scripted_episodes(tokenizer, envs, task_ids: list[str], root: str) -> list[rollout.Episode]:
@@ -586,6 +628,8 @@ def main(argv=None, envs=None, train_tasks=None, eval_tasks=None) -> list[dict]:
 
     own_envs = envs is None
     if own_envs:
+        if master:
+            print(f"prompt: {args.prompt} ({appworld_env.PROMPTS[args.prompt]})")
         if master and appworld_env.is_mini_world(args.appworld_root):
             appworld_env.setup_mini_world(args.appworld_root)  # idempotent: builds once, then a no-op
         if ddp:
@@ -608,15 +652,29 @@ def main(argv=None, envs=None, train_tasks=None, eval_tasks=None) -> list[dict]:
 
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, eps=args.adam_eps)
-        start = 0
+        start, best = 0, None  # best: (TGC, SGC) on eval_split of the model in best/
         if args.resume and (out / "checkpoint.pt").exists():
-            start = load_checkpoint(out / "checkpoint.pt", model, optimizer)
+            start, best = load_checkpoint(out / "checkpoint.pt", model, optimizer)
         elif args.warm_start_epochs > 0:  # every rank the same data: the same number of FSDP passes
             warm_start(model, tokenizer, envs, train_tasks, args, device, log, master)
             save_checkpoint(out / "checkpoint.pt", model, optimizer, args, 0, master)  # --resume skips it
         eval_splits = {"train": train_tasks, args.eval_split: eval_tasks}
+
+        def evaluate_and_keep_best(iteration: int) -> None:
+            """Evaluate; when eval_split's (TGC, SGC) beats best/'s, the model becomes best/: TGC
+            decides, SGC breaks a tie, a full tie keeps the earlier model. Every rank holds the same
+            gathered metrics, so all take the same branch (save_best is a collective)."""
+            nonlocal best
+            row = dict(phase="eval", iteration=iteration, **evaluate(model, tokenizer, envs, eval_splits, args, rank, world_size))
+            score = (row[f"{args.eval_split}_tgc"], row[f"{args.eval_split}_sgc"])
+            row["best"] = best is None or score > tuple(best)
+            log(row)
+            if row["best"]:
+                best = score
+                save_best(model, tokenizer, out, master)
+
         if args.eval_every and start == 0:
-            log(dict(phase="eval", iteration=0, **evaluate(model, tokenizer, envs, eval_splits, args, rank, world_size)))
+            evaluate_and_keep_best(0)
 
         bar = tqdm(range(start, args.iterations), desc="LOOP", disable=not master, initial=start, total=args.iterations)
         for it in bar:
@@ -628,7 +686,8 @@ def main(argv=None, envs=None, train_tasks=None, eval_tasks=None) -> list[dict]:
             t0 = time.time()
             episodes = rollout.collect(sampler(model, args), tokenizer, envs, mine, args.k, temperature=args.temperature,
                                        max_new_tokens=args.max_new_tokens, max_seq_len=args.max_seq_len,
-                                       gather_weights=args.sample_gathered, progress=master)
+                                       score_cut=args.score_cut_episodes, gather_weights=args.sample_gathered,
+                                       progress=master)
             t_sample = time.time() - t0
             # ---- 3. leave-one-out advantages and the |A| filter (ALGO LOGIC lives in loop.py)
             adv, keep = advantages_for(episodes, args.k, args.estimator, args.adv_threshold)
@@ -656,9 +715,9 @@ def main(argv=None, envs=None, train_tasks=None, eval_tasks=None) -> list[dict]:
             log(row)
             bar.set_postfix(reward=f"{row['reward']:.3f}", success=f"{row['success']:.2f}", kl=f"{row['approx_kl']:.4f}")
             if args.eval_every and ((it + 1) % args.eval_every == 0 or it + 1 == args.iterations):
-                log(dict(phase="eval", iteration=it + 1, **evaluate(model, tokenizer, envs, eval_splits, args, rank, world_size)))
+                evaluate_and_keep_best(it + 1)
             if (it + 1) % args.save_every == 0 or it + 1 == args.iterations:
-                save_checkpoint(out / "checkpoint.pt", model, optimizer, args, it + 1, master)
+                save_checkpoint(out / "checkpoint.pt", model, optimizer, args, it + 1, master, best=best)
         M.save(model, tokenizer, out / "final")
         if master:
             print(summary(history))
