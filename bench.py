@@ -44,6 +44,19 @@ The figures (goal in brackets):
     sorted by length / in the minibatch's drawn order. The gradient is the same; less padding is
     computed. [< 1.00]
 
+GPU figures (python bench.py --gpu, one CUDA GPU; README "Checking on a GPU"). Models in Qwen2.5's
+shapes with random bf16 weights, LoRA r=16 and gradient checkpointing as train.py sets them up; all
+in one process; numbers to runs/bench_gpu.json, each row naming the GPU:
+ G1. Sampling, Qwen2.5-7B shape: new tokens/s of rollout.collect (32 episodes, K=8, 2 turns of 128
+     tokens) / HF generate on the same conversations, batched, each turn re-reading the conversation.
+ G2. One LOOP update, Qwen2.5-7B shape, one episode of 8K, 16K and 32K tokens per micro-batch: time
+     and peak memory (torch.cuda.max_memory_allocated, weights included) / an SFT step on the same
+     tokens through the same chunked log-probs, and through HF's full logits. [memory <= 1.00]
+ G3. Does the paper's model fit the one-copy design: the largest N of live 8K-token episodes that
+     rollout.collect samples beside a Qwen2.5-32B-shaped model's weights (61 GiB) on this GPU, found by
+     bisection on out-of-memory errors, / N if the KV cache were held once (arithmetic); and, computed,
+     what an H100 80GB and an H200 141GB allow.
+
 Memory: every measurement runs in a fresh spawned process. On CPU it is the peak RSS of that
 process during the measured step (Linux: /proc/self/clear_refs resets VmHWM after set-up), shown
 as "peak (+ above the RSS before the step)"; on GPU torch.cuda.max_memory_allocated. Memory
@@ -829,7 +842,7 @@ def _or_oom(fn):
     """fn(), or {"error": "out of memory"} with the memory given back."""
     try:
         return fn()
-    except torch.OutOfMemoryError:
+    except torch.cuda.OutOfMemoryError:
         pass  # leave the except block first: its traceback holds the tensors
     gc.collect()
     torch.cuda.empty_cache()
@@ -902,9 +915,10 @@ def gpu_update(model, tokenizer, device, s: GpuSizes):
     sft(warm, "chunked")()
     for T in s.lengths:
         e = long_episode(vocab, T)
-        out[T] = {name: _or_oom(lambda: measured(fn)[1])
-                  for name, fn in (("loop", loop(e)), ("sft", sft(e, "chunked")), ("sft_full_logits", sft(e, "full")))}
-        out[T]["agent_tokens"] = sum(e.agent_mask)
+        out[T] = dict(agent_tokens=sum(e.agent_mask))
+        for name, fn in (("loop", loop(e)), ("sft", sft(e, "chunked")), ("sft_full_logits", sft(e, "full"))):
+            out[T][name] = _or_oom(lambda: measured(fn)[1])
+            opt.zero_grad(set_to_none=True)  # what a step cut by an out-of-memory error left behind
     model.eval()
     return out
 
@@ -946,7 +960,7 @@ def gpu_fit(model, tokenizer, device, s: GpuSizes, free=None):
                 raise RuntimeError(f"G3: episodes ended before their second turn: {[e.end_reason for e in episodes]}")
             peaks[n] = (peak_mb(), max(len(e.token_ids) for e in episodes))
             return True
-        except torch.OutOfMemoryError:
+        except torch.cuda.OutOfMemoryError:
             pass
         gc.collect()
         torch.cuda.empty_cache()

@@ -1272,7 +1272,7 @@ def test_bench_gpu_figures_run_end_to_end_on_tiny_shapes_on_a_cpu(tmp_path, monk
 
     def small_device(model_, prompts, *a, **kw):
         if len(prompts) > 2:
-            raise torch.OutOfMemoryError("emulated")
+            raise torch.cuda.OutOfMemoryError("emulated")
         return real(model_, prompts, *a, **kw)
 
     monkeypatch.setattr(rollout, "sample", small_device)
