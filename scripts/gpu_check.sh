@@ -9,6 +9,7 @@ cd "$(dirname "$0")/.."
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/loop_site .gpu/whl/*.whl || exit 1
 export PYTHONPATH=/tmp/loop_site LOOP_CACHE=$PWD/.gpu/cache PYTHONUNBUFFERED=1
 export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True  # bench G3 fills and frees most of the memory repeatedly
+export GLOO_SOCKET_IFNAME=${GLOO_SOCKET_IFNAME:-lo} NCCL_SOCKET_IFNAME=${NCCL_SOCKET_IFNAME:-lo}  # one machine, maybe no network interface but lo
 OUT=${OUT:-runs/gpu}
 mkdir -p "$OUT"
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
