@@ -838,13 +838,20 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
+def _out_of_memory(e):
+    """Whether a RuntimeError is the device running out of memory (torch's allocator raises
+    OutOfMemoryError; a library allocating on its own may raise a plain RuntimeError)."""
+    return isinstance(e, torch.cuda.OutOfMemoryError) or "out of memory" in str(e).lower() or "ALLOC_FAILED" in str(e)
+
+
 def _or_oom(fn):
     """fn(), or {"error": "out of memory"} with the memory given back."""
     try:
         return fn()
-    except torch.cuda.OutOfMemoryError:
-        pass  # leave the except block first: its traceback holds the tensors
-    gc.collect()
+    except RuntimeError as e:
+        if not _out_of_memory(e):
+            raise
+    gc.collect()  # out of the except block: its traceback held the tensors
     torch.cuda.empty_cache()
     return {"error": "out of memory"}
 
@@ -942,6 +949,8 @@ def gpu_fit(model, tokenizer, device, s: GpuSizes, free=None):
     total = torch.cuda.get_device_properties(device).total_memory if torch.device(device).type == "cuda" else weights + free
     opening = InstantEnv(1, 2).reset([0], ["t"])[0]
     fill = s.context - len(rollout.prompt_ids(tokenizer, opening)) - 8  # room for the first turn's tokens
+    if fill < 0:
+        raise ValueError(f"G3: a context of {s.context} tokens is shorter than the opening prompt (--gpu-context)")
     opening[-1] = {**opening[-1], "content": opening[-1]["content"] + " apple" * fill}
 
     class LongEnv(InstantEnv):
@@ -960,8 +969,9 @@ def gpu_fit(model, tokenizer, device, s: GpuSizes, free=None):
                 raise RuntimeError(f"G3: episodes ended before their second turn: {[e.end_reason for e in episodes]}")
             peaks[n] = (peak_mb(), max(len(e.token_ids) for e in episodes))
             return True
-        except torch.cuda.OutOfMemoryError:
-            pass
+        except RuntimeError as e:
+            if not _out_of_memory(e):
+                raise
         gc.collect()
         torch.cuda.empty_cache()
         return False
@@ -979,16 +989,24 @@ def gpu_fit(model, tokenizer, device, s: GpuSizes, free=None):
 def gpu_figures(device, sizes, path, shapes=(QWEN25_7B, QWEN25_32B), free=None):
     """G1 and G2 on a model of shapes[0], then G3 on one of shapes[1], each on `device` in bf16; the
     numbers go to `path` after every figure, so a run cut short keeps what it measured. A figure
-    that fails is recorded and the next one runs. Returns the table rows."""
+    that fails (its model's making included) is recorded and the next one runs. Returns the rows."""
     device = torch.device(device)
     _, tokenizer = M.load(tiny=True, device="cpu")  # SmolLM2's tokenizer: its ids are valid for any vocabulary this large
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     results, started = dict(sizes=dataclasses.asdict(sizes)), time.time()
-
-    def run(figure, fn, *a):
+    figures = [("G1", shapes[0], lambda m: gpu_sampling(m, tokenizer, device, sizes)),
+               ("G2", shapes[0], lambda m: gpu_update(m, tokenizer, device, sizes)),
+               ("G3", shapes[1], lambda m: gpu_fit(m, tokenizer, device, sizes, free))]
+    model = built = None
+    for figure, shape, fn in figures:
         t0 = time.time()
         try:
-            results[figure] = fn(*a)
+            if shape is not built:
+                model = built = None  # the last model leaves the device before the next is made
+                gc.collect()
+                torch.cuda.empty_cache()
+                model, built = random_model(shape, tokenizer, device), shape
+            results[figure] = fn(model)
         except Exception:
             results[figure] = {"error": traceback.format_exc(limit=8)}
         print(f"[bench --gpu] {figure} done in {time.time() - t0:.0f} s", flush=True)
@@ -997,16 +1015,7 @@ def gpu_figures(device, sizes, path, shapes=(QWEN25_7B, QWEN25_32B), free=None):
         with open(path, "w") as f:
             json.dump(dict(machine=machine(torch.get_num_threads()), gpu=gpu, seconds=time.time() - started,
                            rows=rows, raw=results, command=" ".join(["python"] + sys.argv)), f, indent=1, default=str)
-        return rows
-
-    model = random_model(shapes[0], tokenizer, device)
-    run("G1", gpu_sampling, model, tokenizer, device, sizes)
-    run("G2", gpu_update, model, tokenizer, device, sizes)
-    del model
-    gc.collect()
-    torch.cuda.empty_cache()
-    model = random_model(shapes[1], tokenizer, device)
-    return run("G3", gpu_fit, model, tokenizer, device, sizes, free)
+    return rows
 
 
 def gpu_rows(results, gpu, s):

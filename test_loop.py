@@ -1256,7 +1256,7 @@ def test_bench_gpu_figures_run_end_to_end_on_tiny_shapes_on_a_cpu(tmp_path, monk
                 num_key_value_heads=2, vocab_size=49152)
     sizes = bench.GpuSizes(episodes=4, k=2, turns=2, new_tokens=3, lengths=(64, 128), context=256)
     per_episode = 2 * 2 * 2 * 16 * 2 * 256  # (K, V) x layers x KV heads x head dim x bf16 bytes x tokens
-    rows = bench.gpu_figures("cpu", sizes, tmp_path / "gpu.json", shapes=(tiny, tiny), free=3 * per_episode)
+    rows = bench.gpu_figures("cpu", sizes, tmp_path / "gpu.json", shapes=(tiny, dict(tiny)), free=3 * per_episode)
     saved = json.loads((tmp_path / "gpu.json").read_text())
     assert [r["what"] for r in saved["rows"]] == [r["what"] for r in rows]
     assert not [r for r in rows if r["value"] == "error"], rows
