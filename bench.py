@@ -44,6 +44,19 @@ The figures (goal in brackets):
     sorted by length / in the minibatch's drawn order. The gradient is the same; less padding is
     computed. [< 1.00]
 
+GPU figures (python bench.py --gpu, one CUDA GPU; README "Checking on a GPU"). Models in Qwen2.5's
+shapes with random bf16 weights, LoRA r=16 and gradient checkpointing as train.py sets them up; all
+in one process; numbers to runs/bench_gpu.json, each row naming the GPU:
+ G1. Sampling, Qwen2.5-7B shape: new tokens/s of rollout.collect (32 episodes, K=8, 2 turns of 128
+     tokens) / HF generate on the same conversations, batched, each turn re-reading the conversation.
+ G2. One LOOP update, Qwen2.5-7B shape, one episode of 8K, 16K and 32K tokens per micro-batch: time
+     and peak memory (torch.cuda.max_memory_allocated, weights included) / an SFT step on the same
+     tokens through the same chunked log-probs, and through HF's full logits. [memory <= 1.00]
+ G3. Does the paper's model fit the one-copy design: the largest N of live 8K-token episodes that
+     rollout.collect samples beside a Qwen2.5-32B-shaped model's weights (61 GiB) on this GPU, found by
+     bisection on out-of-memory errors, / N if the KV cache were held once (arithmetic); and, computed,
+     what an H100 80GB and an H200 141GB allow.
+
 Memory: every measurement runs in a fresh spawned process. On CPU it is the peak RSS of that
 process during the measured step (Linux: /proc/self/clear_refs resets VmHWM after set-up), shown
 as "peak (+ above the RSS before the step)"; on GPU torch.cuda.max_memory_allocated. Memory
@@ -52,6 +65,7 @@ default heap keeps freed blocks: see MEMORY_ENV); --glibc-default measures witho
 Threads: --threads (default: all cores) in every process, baselines included.
 """
 import argparse
+import dataclasses
 import gc
 import json
 import multiprocessing as mp
@@ -292,31 +306,35 @@ def loop_update_child(model_name, n, micro, time_it=False):
     return out
 
 
+def sft_step(model, batch, opt, micro, head, agent_only=False):
+    """One supervised step on a rollout.Batch: NLL of the agent tokens, micro-batched, clipped, AdamW.
+    head="chunked": model.token_logprobs, with agent_only through the LM head at the agent's tokens
+    only (as train.warm_start and the LOOP update do); "full": HF's model(labels=...)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    n = len(batch.rewards)
+    for rows in torch.arange(n).split(micro):
+        mb = batch.select(rows)
+        if head == "chunked":
+            logp = M.token_logprobs(model, mb.input_ids, mb.attention_mask,
+                                    positions=mb.agent_mask if agent_only else None)  # (b, T-1)
+            loss = -torch.where(mb.agent_mask, logp, 0.0).sum() / mb.agent_mask.sum() * len(rows) / n  # ()
+        else:
+            # HF shifts labels itself: label t is the target of position t-1; -100 is ignored.
+            is_agent = torch.cat([torch.zeros_like(mb.agent_mask[:, :1]), mb.agent_mask], dim=1)  # (b, T)
+            labels = mb.input_ids.masked_fill(~is_agent, -100)  # (b, T)
+            loss = model(input_ids=mb.input_ids, attention_mask=mb.attention_mask, labels=labels).loss * len(rows) / n
+        loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
 def sft_step_child(model_name, n, micro, head):
-    """One supervised step on the same batch: NLL of the agent tokens, micro-batched, clipped, AdamW.
-    head="chunked": model.token_logprobs (as train.warm_start); "full": HF's model(labels=...)."""
+    """One supervised step (sft_step) on the figure 1 batch."""
     model, tokenizer = load_model(model_name)
     batch = rollout.collate(synthetic_episodes(tokenizer, n), tokenizer.pad_token_id).to(DEVICE)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.01)
-
-    def step():
-        for rows in torch.arange(n).split(micro):
-            mb = batch.select(rows)
-            if head == "chunked":
-                logp = M.token_logprobs(model, mb.input_ids, mb.attention_mask)  # (b, T-1)
-                loss = -torch.where(mb.agent_mask, logp, 0.0).sum() / mb.agent_mask.sum() * len(rows) / n  # ()
-            else:
-                # HF shifts labels itself: label t is the target of position t-1; -100 is ignored.
-                is_agent = torch.cat([torch.zeros_like(mb.agent_mask[:, :1]), mb.agent_mask], dim=1)  # (b, T)
-                labels = mb.input_ids.masked_fill(~is_agent, -100)  # (b, T)
-                loss = model(input_ids=mb.input_ids, attention_mask=mb.attention_mask, labels=labels).loss * len(rows) / n
-            loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    return measured(step)[1]
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, weight_decay=0.01)
+    return measured(lambda: sft_step(model, batch, opt, micro, head))[1]
 
 
 def trl_grpo_child(model_name, n):
@@ -764,6 +782,289 @@ def _row(figure, model_name, what, a, b, key, goal, check, unit=""):
                 goal=goal, met=check(round(ratio, 2)) if check else None)
 
 
+# ------------------------------------------------------------------------- GPU figures (--gpu)
+
+# Shapes of Qwen2.5-7B-Instruct and Qwen2.5-32B-Instruct, from their config.json files (no hub here):
+# models of these sizes with random weights cost what the real ones cost.
+QWEN25_7B = dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                 num_attention_heads=28, num_key_value_heads=4, max_position_embeddings=32768,
+                 rope_theta=1e6, rms_norm_eps=1e-6, tie_word_embeddings=False)
+QWEN25_32B = dict(QWEN25_7B, hidden_size=5120, intermediate_size=27648, num_hidden_layers=64,
+                  num_attention_heads=40, num_key_value_heads=8)
+# What torch sees of each card in the GPU check machines (nvidia-smi's MiB), for the computed rows.
+CARDS = {"H100 80GB": 81559 * 2**20, "H200 141GB": 143771 * 2**20}
+
+
+@dataclasses.dataclass
+class GpuSizes:
+    episodes: int = 32  # G1: episodes sampled together
+    k: int = 8  # G1: rollouts per task
+    turns: int = 2  # G1: turns per episode
+    new_tokens: int = 128  # G1: tokens per turn
+    lengths: tuple = (8192, 16384, 32768)  # G2: tokens per micro-batch
+    context: int = 8192  # G3: tokens each live episode holds
+
+
+def random_model(shape, tokenizer, device, dtype=torch.bfloat16):
+    """A Qwen2 causal LM of `shape` with random weights, made directly on `device` in `dtype` (HF's own
+    init runs there: no CPU copy, nothing downloaded), with LoRA and gradient checkpointing as train.py
+    sets them up. Pads with the tokenizer's pad id, as model.load does."""
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(Qwen2Config(**shape), dtype=dtype)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    M.add_lora(model)
+    M.enable_gradient_checkpointing(model)
+    return model.eval()
+
+
+def long_episode(vocab, T, seed=0):
+    """A rollout.Episode of T random tokens: a prompt of T - 6 (T // 8), then three turns of T // 8 agent
+    tokens, each followed by T // 8 observation tokens."""
+    g = torch.Generator().manual_seed(seed)
+    ids = lambda n: torch.randint(100, vocab, (n,), generator=g).tolist()
+    e = rollout.Episode(task_id="long")
+    e.append(ids(T - 6 * (T // 8)))
+    for _ in range(3):
+        e.append(ids(T // 8), agent=True, logprobs=[-1.0] * (T // 8))
+        e.num_turns += 1
+        e.append(ids(T // 8))
+    return e
+
+
+def _sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _out_of_memory(e):
+    """Whether a RuntimeError is the device running out of memory (torch's allocator raises
+    OutOfMemoryError; a library allocating on its own may raise a plain RuntimeError)."""
+    return isinstance(e, torch.cuda.OutOfMemoryError) or "out of memory" in str(e).lower() or "ALLOC_FAILED" in str(e)
+
+
+def _or_oom(fn):
+    """fn(), or {"error": "out of memory"} with the memory given back."""
+    try:
+        return fn()
+    except RuntimeError as e:
+        if not _out_of_memory(e):
+            raise
+    gc.collect()  # out of the except block: its traceback held the tensors
+    torch.cuda.empty_cache()
+    return {"error": "out of memory"}
+
+
+def gpu_sampling(model, tokenizer, device, s: GpuSizes):
+    """G1: new tokens/s of rollout.collect (all episodes in one batch, each keeping its KV cache
+    between turns) / HF generate on the same conversations, batched, each turn re-reading the whole
+    conversation (what a generate-based sampler does). The same LoRA model samples in both; each is
+    warmed up once first."""
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    tasks = [f"task_{i}" for i in range(s.episodes // s.k)]
+
+    def collect(turns, new_tokens):
+        episodes = rollout.collect(model, tokenizer, InstantEnv(s.episodes, turns), tasks, s.k,
+                                   max_new_tokens=new_tokens, progress=False)
+        return sum(sum(e.agent_mask) for e in episodes)
+
+    def generate(turns, new_tokens):
+        env = InstantEnv(s.episodes, turns)
+        convs = [rollout.prompt_ids(tokenizer, m) for m in env.reset(list(range(s.episodes)), [t for t in tasks for _ in range(s.k)])]
+        total = 0
+        for _ in range(turns):
+            width = max(map(len, convs))
+            ids = torch.tensor([[pad] * (width - len(c)) + c for c in convs], device=device)  # (B, W), left padded
+            mask = torch.tensor([[0] * (width - len(c)) + [1] * len(c) for c in convs], device=device)  # (B, W)
+            out = model.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=True, temperature=1.0,
+                                 top_k=0, top_p=1.0, eos_token_id=eos, pad_token_id=pad)[:, width:].tolist()
+            obs = rollout.observation_ids(tokenizer, "Execution successful.")
+            for i, new in enumerate(out):
+                new = new[:new.index(eos) + 1] if eos in new else new
+                total += len(new)
+                convs[i] = convs[i] + new + ([] if new[-1] == eos else [eos]) + obs
+        return total
+
+    out = {}
+    with torch.no_grad():
+        for name, fn in (("collect", collect), ("generate", generate)):
+            fn(1, 4)  # warm-up: kernels, cuBLAS plans
+            _sync(device)
+            t0 = time.perf_counter()
+            tokens = fn(s.turns, s.new_tokens)
+            _sync(device)
+            seconds = time.perf_counter() - t0
+            out[name] = dict(new_tokens=tokens, seconds=seconds, tokens_per_s=tokens / seconds)
+    return out
+
+
+def gpu_update(model, tokenizer, device, s: GpuSizes):
+    """G2: time and peak memory of one LOOP update (train.ppo_update: old log-probs, clipped loss,
+    backward through the checkpointed layers, AdamW on the LoRA weights) on one episode of T tokens
+    / one SFT step (sft_step: NLL of the same agent tokens through the same chunked log-probs) / the
+    same SFT step through HF's full logits. Peak memory includes the weights."""
+    model.train()  # HF checkpoints only in train mode
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    args = train.Args(epochs=1, minibatch=1, micro_batch=1)
+    vocab = len(tokenizer)
+
+    def loop(e):
+        return lambda: train.ppo_update(model, opt, [e], [0.5], e, args, 1, device)
+
+    def sft(e, head):
+        batch = rollout.collate([e], tokenizer.pad_token_id).to(device)
+        return lambda: sft_step(model, batch, opt, 1, head, agent_only=True)
+
+    out = {}
+    warm = long_episode(vocab, max(64, s.lengths[0] // 8))
+    loop(warm)()
+    sft(warm, "chunked")()
+    for T in s.lengths:
+        e = long_episode(vocab, T)
+        out[T] = dict(agent_tokens=sum(e.agent_mask))
+        for name, fn in (("loop", loop(e)), ("sft", sft(e, "chunked")), ("sft_full_logits", sft(e, "full"))):
+            out[T][name] = _or_oom(lambda: measured(fn)[1])
+            opt.zero_grad(set_to_none=True)  # what a step cut by an out-of-memory error left behind
+    model.eval()
+    return out
+
+
+def gpu_fit(model, tokenizer, device, s: GpuSizes, free=None):
+    """G3: the largest number N of live episodes of s.context tokens that rollout.collect can sample
+    (a second turn of each: the per-episode KV states kept from the first turn, each prefilling its
+    observation, then decoding together) next to the model's weights on this device, found by
+    bisection on out-of-memory errors. The bisection stops at the bound the arithmetic gives for one
+    copy of the KV cache: (free memory after the weights) / (KV bytes of one episode). `free`: those
+    bytes (default: what the device has free now)."""
+    c = model.config
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    per_episode = 2 * c.num_hidden_layers * c.num_key_value_heads * head_dim * 2 * s.context  # K and V, bf16
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    if free is None:
+        gc.collect()
+        torch.cuda.empty_cache()
+        free = torch.cuda.mem_get_info(device)[0]
+    one_copy = free // per_episode
+    total = torch.cuda.get_device_properties(device).total_memory if torch.device(device).type == "cuda" else weights + free
+    opening = InstantEnv(1, 2).reset([0], ["t"])[0]
+    fill = s.context - len(rollout.prompt_ids(tokenizer, opening)) - 8  # room for the first turn's tokens
+    if fill < 0:
+        raise ValueError(f"G3: a context of {s.context} tokens is shorter than the opening prompt (--gpu-context)")
+    opening[-1] = {**opening[-1], "content": opening[-1]["content"] + " apple" * fill}
+
+    class LongEnv(InstantEnv):
+        def reset(self, slots, task_ids):
+            super().reset(slots, task_ids)
+            return [opening] * len(slots)
+
+    peaks = {}
+
+    def fits(n):
+        reset_peak()
+        try:
+            episodes = rollout.collect(model, tokenizer, LongEnv(n, 2), ["t"], n, max_new_tokens=2,
+                                       max_seq_len=s.context + 64, progress=False)
+            if any(e.num_turns < 2 for e in episodes):
+                raise RuntimeError(f"G3: episodes ended before their second turn: {[e.end_reason for e in episodes]}")
+            peaks[n] = (peak_mb(), max(len(e.token_ids) for e in episodes))
+            return True
+        except RuntimeError as e:
+            if not _out_of_memory(e):
+                raise
+        gc.collect()
+        torch.cuda.empty_cache()
+        return False
+
+    lo, hi = 0, one_copy + 1  # N = lo fits; N = hi does not (past the one-copy bound)
+    with torch.no_grad():
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    peak, tokens = peaks.get(lo, (None, None))
+    return dict(largest_n=lo, one_copy_n=one_copy, per_episode_bytes=per_episode, weights_bytes=weights,
+                total_bytes=total, free_bytes=free, peak_mb=peak, episode_tokens=tokens, tries=sorted(peaks))
+
+
+def gpu_figures(device, sizes, path, shapes=(QWEN25_7B, QWEN25_32B), free=None):
+    """G1 and G2 on a model of shapes[0], then G3 on one of shapes[1], each on `device` in bf16; the
+    numbers go to `path` after every figure, so a run cut short keeps what it measured. A figure
+    that fails (its model's making included) is recorded and the next one runs. Returns the rows."""
+    device = torch.device(device)
+    _, tokenizer = M.load(tiny=True, device="cpu")  # SmolLM2's tokenizer: its ids are valid for any vocabulary this large
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    results, started = dict(sizes=dataclasses.asdict(sizes)), time.time()
+    figures = [("G1", shapes[0], lambda m: gpu_sampling(m, tokenizer, device, sizes)),
+               ("G2", shapes[0], lambda m: gpu_update(m, tokenizer, device, sizes)),
+               ("G3", shapes[1], lambda m: gpu_fit(m, tokenizer, device, sizes, free))]
+    model = built = None
+    for figure, shape, fn in figures:
+        t0 = time.time()
+        try:
+            if shape is not built:
+                model = built = None  # the last model leaves the device before the next is made
+                gc.collect()
+                torch.cuda.empty_cache()
+                model, built = random_model(shape, tokenizer, device), shape
+            results[figure] = fn(model)
+        except Exception:
+            results[figure] = {"error": traceback.format_exc(limit=8)}
+        print(f"[bench --gpu] {figure} done in {time.time() - t0:.0f} s", flush=True)
+        rows = gpu_rows(results, gpu, sizes)
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path, "w") as f:
+            json.dump(dict(machine=machine(torch.get_num_threads()), gpu=gpu, seconds=time.time() - started,
+                           rows=rows, raw=results, command=" ".join(["python"] + sys.argv)), f, indent=1, default=str)
+    return rows
+
+
+def gpu_rows(results, gpu, s):
+    """The table rows of G1-G3 from their numbers (a figure that failed gives one 'error' row)."""
+    rows = []
+
+    def row(figure, what, value, baseline, ratio, goal="", met=None, model="Qwen2.5-7B shape"):
+        rows.append(dict(figure=figure, model=model, what=what, value=value, baseline=baseline, ratio=ratio,
+                         goal=goal, met=met, device=gpu))
+
+    def failed(key, figure, model="Qwen2.5-7B shape"):
+        r = results.get(key)
+        if r is not None and "error" in r:
+            rows.append(dict(figure=figure, model=model, what="error", value="error", baseline="", ratio=None,
+                             goal="", met=None, device=gpu, error=r["error"][-1500:]))
+        return r is None or "error" in r
+
+    if not failed("G1", "G1 sampling"):
+        c, g = results["G1"]["collect"], results["G1"]["generate"]
+        row("G1 sampling", f"rollout.collect / HF generate, both batched, new tok/s ({s.episodes} episodes x {s.turns} "
+            f"turns x <= {s.new_tokens} tok, bf16, LoRA)", f"{c['tokens_per_s']:.0f} tok/s",
+            f"{g['tokens_per_s']:.0f} tok/s", c["tokens_per_s"] / g["tokens_per_s"])
+    if not failed("G2", "G2 update"):
+        for T, r in results["G2"].items():
+            what = f"{T} tok per micro-batch, {r['agent_tokens']} agent"
+            rows.append(_row("G2 update", "Qwen2.5-7B shape", f"LOOP update / SFT step, time ({what})",
+                             r["loop"], r["sft"], "seconds", "", None, unit="s"))
+            rows.append(_row("G2 update", "Qwen2.5-7B shape", f"LOOP update / SFT step, peak memory ({what})",
+                             r["loop"], r["sft"], "peak_mb", "<= 1.00", lambda x: x <= 1.0, unit="MB"))
+            rows.append(_row("G2 update", "Qwen2.5-7B shape", f"LOOP update / SFT step via HF full logits, peak memory ({what})",
+                             r["loop"], r["sft_full_logits"], "peak_mb", "", None, unit="MB"))
+            for x in rows[-3:]:
+                x["device"] = gpu
+    if not failed("G3", "G3 fit", "Qwen2.5-32B shape"):
+        r = results["G3"]
+        gib = lambda b: f"{b / 2**30:.1f} GiB"
+        what = (f"live {s.context}-tok episodes that rollout.collect samples beside the weights ({gib(r['weights_bytes'])}); "
+                f"{gib(r['per_episode_bytes'])} of KV each")
+        row("G3 fit", f"{what}: measured / one KV copy by arithmetic (peak {r['peak_mb'] or 0:.0f} MB)",
+            str(r["largest_n"]), str(r["one_copy_n"]), r["largest_n"] / max(r["one_copy_n"], 1), model="Qwen2.5-32B shape")
+        overhead = r["total_bytes"] - r["weights_bytes"] - r["free_bytes"]  # CUDA context, allocator
+        for card, total in CARDS.items():
+            room = max(total - r["weights_bytes"] - overhead, 0)
+            scaled = int(r["largest_n"] * room / max(r["free_bytes"], 1))
+            row("G3 fit", f"{what} on an {card}, COMPUTED: scaled from the measured N / one KV copy by arithmetic",
+                str(scaled), str(room // r["per_episode_bytes"]), None, model="Qwen2.5-32B shape")
+    return rows
+
+
 # ------------------------------------------------------------------------------------- main
 
 
@@ -803,8 +1104,26 @@ def main():
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads in every process")
     parser.add_argument("--models", default=None, help="comma-separated subset of tiny,smol (default: tiny with --quick, else both)")
     parser.add_argument("--glibc-default", action="store_true", help="measure memory with glibc's default malloc settings")
-    parser.add_argument("--json", default="runs/bench.json", help="where to write the numbers")
+    parser.add_argument("--json", default=None, help="where to write the numbers (default: runs/bench.json, with --gpu runs/bench_gpu.json)")
+    parser.add_argument("--gpu", action="store_true", help="the GPU figures G1-G3 instead (needs a CUDA GPU)")
+    g = GpuSizes()
+    parser.add_argument("--gpu-episodes", type=int, default=g.episodes, help=f"G1: episodes sampled together (default {g.episodes})")
+    parser.add_argument("--gpu-new-tokens", type=int, default=g.new_tokens, help=f"G1: tokens per turn (default {g.new_tokens})")
+    parser.add_argument("--gpu-lengths", default=",".join(map(str, g.lengths)), help="G2: tokens per micro-batch, comma-separated")
+    parser.add_argument("--gpu-context", type=int, default=g.context, help=f"G3: tokens each live episode holds (default {g.context})")
     args = parser.parse_args()
+    if args.gpu:
+        if not torch.cuda.is_available():
+            sys.exit("bench.py --gpu needs a GPU: torch sees no CUDA device here. The CPU figures run without --gpu.")
+        os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # G3's bisection frees and refills the memory
+        sizes = GpuSizes(episodes=args.gpu_episodes, new_tokens=args.gpu_new_tokens, context=args.gpu_context,
+                         lengths=tuple(int(x) for x in args.gpu_lengths.split(",")))
+        path = args.json or "runs/bench_gpu.json"
+        print(f"bench --gpu on {torch.cuda.get_device_name()}, torch {torch.__version__}: {sizes}", flush=True)
+        print_table(gpu_figures("cuda", sizes, path))
+        print(f"\nnumbers written to {path}")
+        return
+    args.json = args.json or "runs/bench.json"
     only = set(args.only.split(","))
     q = args.quick
     models = args.models.split(",") if args.models else (["tiny"] if q else ["tiny", "smol"])

@@ -797,7 +797,8 @@ def _eos_happy(m, bias=9.0):
     """Give the tiny random model a bias towards <|im_end|> (otherwise it almost never samples it
     out of 49k tokens: its embedding row is the zero padding row), so that both turns it ends
     itself and turns cut by max_new_tokens occur."""
-    m.lm_head.bias = torch.nn.Parameter(torch.zeros(m.config.vocab_size))
+    w = m.lm_head.weight
+    m.lm_head.bias = torch.nn.Parameter(torch.zeros(m.config.vocab_size, device=w.device, dtype=w.dtype))
     with torch.no_grad():
         m.lm_head.bias[2] = bias
 
@@ -1386,3 +1387,238 @@ def test_bench_fsdp_halves_the_state_each_of_two_ranks_holds(tmp_path):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     (row,) = json.loads(out.read_text())["rows"]
     assert row["figure"] == "5 FSDP" and row["ratio"] <= 0.55 and row["met"]
+
+
+def test_bench_gpu_figures_run_end_to_end_on_tiny_shapes_on_a_cpu(tmp_path, monkeypatch):
+    """bench.py --gpu's three figures, run through on a CPU with tiny Qwen2 shapes (seconds), so that
+    the scarce GPU time finds no silly bug: on a GPU the same code runs at full size."""
+    import bench
+
+    tiny = dict(bench.QWEN25_7B, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, vocab_size=49152)
+    sizes = bench.GpuSizes(episodes=4, k=2, turns=2, new_tokens=3, lengths=(64, 128), context=256)
+    per_episode = 2 * 2 * 2 * 16 * 2 * 256  # (K, V) x layers x KV heads x head dim x bf16 bytes x tokens
+    rows = bench.gpu_figures("cpu", sizes, tmp_path / "gpu.json", shapes=(tiny, dict(tiny)), free=3 * per_episode)
+    saved = json.loads((tmp_path / "gpu.json").read_text())
+    assert [r["what"] for r in saved["rows"]] == [r["what"] for r in rows]
+    assert not [r for r in rows if r["value"] == "error"], rows
+    assert [r["figure"] for r in rows] == ["G1 sampling"] + ["G2 update"] * 6 + ["G3 fit"] * 3
+    g1, g3 = saved["raw"]["G1"], saved["raw"]["G3"]
+    assert 0 < g1["collect"]["new_tokens"] <= 4 * 2 * 3 and 0 < g1["generate"]["new_tokens"] <= 4 * 2 * 3
+    assert set(saved["raw"]["G2"]) == {"64", "128"}
+    assert g3["per_episode_bytes"] == per_episode and g3["largest_n"] == g3["one_copy_n"] == 3
+    assert g3["episode_tokens"] >= 256  # each live episode really held the context asked for
+    # On a GPU the bisection ends at the first out-of-memory error; a CPU never raises one, so emulate it.
+    _, tok = _tiny()
+    real = rollout.sample
+
+    def small_device(model_, prompts, *a, **kw):
+        if len(prompts) > 2:
+            raise torch.cuda.OutOfMemoryError("emulated")
+        return real(model_, prompts, *a, **kw)
+
+    monkeypatch.setattr(rollout, "sample", small_device)
+    fit = bench.gpu_fit(bench.random_model(tiny, tok, "cpu"), tok, "cpu", sizes, free=8 * per_episode)
+    assert fit["one_copy_n"] == 8 and fit["largest_n"] == 2
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="what bench.py --gpu says where there is no GPU")
+def test_bench_gpu_flag_without_a_gpu_says_so_and_fails():
+    proc = subprocess.run([sys.executable, "bench.py", "--gpu"], capture_output=True, text=True, timeout=120,
+                          cwd=os.path.dirname(os.path.abspath(__file__)))
+    assert proc.returncode != 0 and "needs a GPU" in proc.stderr, proc.stderr[-2000:]
+
+
+# ========================================================================== on a GPU (CUDA)
+# Skipped without CUDA. `python -m pytest -q test_loop.py -k cuda` runs exactly these; the README's
+# "Checking on a GPU" prepares them for a machine without network. There the model loads in bfloat16
+# and its LoRA weights stay float32.
+
+import math
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def _bf16_bounds(max_abs_logit, temperature):
+    """How far apart two bfloat16 computations of the same log-probs may land. bfloat16 keeps 8
+    significant bits, so a logit z is rounded to ulp(z) = 2^(floor(log2 |z|) - 7), and a difference
+    upstream (another kernel, batch shape or padding) moves it by about as much again; log_softmax(z / T)
+    turns a shift of at most d in every logit into at most 2d / T. Returns bounds on the largest
+    difference (4 ulp / T) and on the mean one (ulp / T: most tokens move far less than the worst)."""
+    ulp = 2.0 ** (math.floor(math.log2(max_abs_logit)) - 7)
+    return 4 * ulp / temperature, ulp / temperature
+
+
+@cuda
+def test_cuda_lora_weights_and_adam_state_stay_float32_on_a_bfloat16_base():
+    torch.manual_seed(0)
+    m, _ = model.load(tiny=True, device="cuda")
+    assert {p.dtype for p in m.parameters()} == {torch.bfloat16}  # the GPU default
+    model.add_lora(m, r=4, alpha=8)
+    lora = [p for p in m.parameters() if p.requires_grad]
+    assert lora and {p.dtype for p in lora} == {torch.float32}
+    frozen = {n: p.detach().clone() for n, p in m.named_parameters() if not p.requires_grad}
+    assert {p.dtype for p in frozen.values()} == {torch.bfloat16}
+    A = [p for n, p in m.named_parameters() if ".lora_A" in n]
+    before = [a.detach().clone() for a in A]
+    opt = torch.optim.AdamW(lora, lr=1e-5, weight_decay=0.0)
+    ids, mask = (t.cuda() for t in _padded_batch())
+    for _ in range(2):  # B starts at 0, so A's gradient is 0 until B has taken a step
+        logp = model.token_logprobs(m, ids, mask)  # (B, T-1)
+        assert logp.dtype == torch.float32
+        logp.sum().backward()
+        assert {p.grad.dtype for p in lora} == {torch.float32}
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    assert {p.dtype for p in lora} == {torch.float32}
+    assert {v.dtype for s in opt.state.values() for k, v in s.items() if k != "step"} == {torch.float32}
+    # Adam moved each entry of A by ~1e-5, ~1e-4 of its size: under half a bfloat16 step (2^-9 of it).
+    moved = torch.cat([(a != b).flatten() for a, b in zip(A, before)]).float().mean()
+    lost_in_bf16 = torch.cat([(b.bfloat16() + (a - b).bfloat16() == b.bfloat16()).flatten()
+                              for a, b in zip(A, before)]).float().mean()
+    assert moved > 0.99 and lost_in_bf16 > 0.9, (moved, lost_in_bf16)  # float32 keeps what bfloat16 would drop
+    assert all(torch.equal(p, frozen[n]) for n, p in m.named_parameters() if not p.requires_grad)
+
+
+@cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_token_logprobs_equal_the_unpadded_full_logits(dtype):
+    torch.manual_seed(0)
+    m, _ = model.load(tiny=True, device="cuda", dtype=dtype)
+    ids, mask = (t.cuda() for t in _padded_batch())  # row 1 right-padded, row 2 left-padded
+    temperature = 0.7
+    with torch.no_grad():
+        lp = model.token_logprobs(m, ids, mask, temperature=temperature, chunk_size=5)  # (B, T-1), several chunks
+        got, want, top = [], [], 0.0
+        for b in range(len(ids)):
+            row = ids[b, mask[b].bool()][None]  # (1, n): the row alone, unpadded
+            logits = m(input_ids=row).logits.float()  # (1, n, V)
+            top = max(top, logits.abs().max().item())
+            want.append((logits[0, :-1] / temperature).log_softmax(-1).gather(-1, row[0, 1:, None]).squeeze(-1))
+            got.append(lp[b][(mask[b, 1:] * mask[b, :-1]).bool()])
+    err = (torch.cat(got) - torch.cat(want)).abs()
+    worst, mean = (1e-4, 1e-4) if dtype == torch.float32 else _bf16_bounds(top, temperature)
+    assert err.max() <= worst and err.mean() <= mean, (err.max().item(), err.mean().item(), worst, mean)
+    assert (lp[~(mask[:, 1:] * mask[:, :-1]).bool()] == 0).all()
+
+
+@cuda
+def test_cuda_sampler_logprobs_match_the_learner_and_turns_end_at_the_stop_ids():
+    torch.manual_seed(0)
+    m, tok = model.load(tiny=True, device="cuda")  # bfloat16
+    model.add_lora(m, r=4, alpha=8)  # float32 adapters: the one model samples and learns
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if ".lora_B" in n:
+                p.normal_(0, 0.05)
+    _eos_happy(m)
+    temperature = 0.7
+    eps = _collect(m, tok, ToyEnvs(slots=4), ["a", "bbbb", "cc"], 2, temperature=temperature, max_new_tokens=8)
+    batch = rollout.collate(eps, tok.pad_token_id).to("cuda")
+    with torch.no_grad():
+        lp = model.token_logprobs(m, batch.input_ids, batch.attention_mask, temperature)  # (B, T-1)
+        top = m(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits.abs().max().item()
+    am = batch.agent_mask  # (B, T-1)
+    err = (lp[am] - batch.sampler_logprobs[am]).abs()
+    worst, mean = _bf16_bounds(top, temperature)
+    assert err.max() <= worst and err.mean() <= mean, (err.max().item(), err.mean().item(), worst, mean)
+
+    # A turn ends at the first of the model's stop ids: those its generation config lists (Qwen2.5 lists
+    # <|im_end|> and <|endoftext|>), the tokenizer's end of turn, and <|im_start|>; the stop id is the
+    # turn's last agent token. Here <|endoftext|> (0) is listed, and each run favours one stop id.
+    m.generation_config.eos_token_id = [2, 0]
+    for stop in (0, 1):
+        with torch.no_grad():
+            m.lm_head.bias.zero_()
+            m.lm_head.bias[stop] = 14.0  # ~90% of the probability at every step
+        eps = _collect(m, tok, ToyEnvs(slots=4, turns=2), ["a", "b"], 2, max_new_tokens=8)
+        ends = []
+        for e in eps:
+            for run in _runs(e):
+                assert not {0, 1, 2} & set(run[:-1]), run  # nothing sampled after a stop id
+                assert run[-1] in {0, 1, 2} or len(run) == 8, run
+                ends.append(run[-1])
+        assert ends.count(stop) >= len(ends) // 2, (stop, ends)
+
+
+def _cuda_train_worker():
+    """Run by one process under torchrun on a GPU: train.main's LOOP iterations of the tiny model (LoRA
+    r=16, gradient checkpointing, FSDP2 over the one rank) on CapitalLetterEnv, every advantage kept,
+    so that its 16 trajectories make two minibatches of 8. Checks what the PPO update is given and
+    prints the iterations and optimizer steps it ran."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import FSDPModule
+
+    seen = {}
+    real_update = train.ppo_update
+
+    def update(model_, optimizer, *a, **kw):
+        def record(mod, args):  # the dtype LoRA's weights have inside forward (FSDP's param_dtype)
+            seen.setdefault("lora_compute", mod.lora_A.dtype)
+
+        q = model_.get_decoder().layers[0].self_attn.q_proj  # a LoRALinear inside an FSDP unit
+        hook = q.register_forward_pre_hook(record)
+        try:
+            stats = real_update(model_, optimizer, *a, **kw)
+        finally:
+            hook.remove()
+        policy = model_._get_fsdp_state()._mp_policy if isinstance(model_, FSDPModule) else None  # FSDP2 keeps it private
+        seen.update(backend=str(dist.get_backend()), world=dist.get_world_size(), fsdp=isinstance(model_, FSDPModule),
+                    reduce=policy and policy.reduce_dtype,
+                    trainable={p.dtype for p in model_.parameters() if p.requires_grad},
+                    frozen={p.dtype for p in model_.parameters() if not p.requires_grad},
+                    adam={v.dtype for s in optimizer.state.values() for k, v in s.items() if k != "step"})
+        return stats
+
+    train.ppo_update = update
+    train.advantages_for = lambda episodes, *a, **kw: ([0.5 if i % 2 else -0.5 for i in range(len(episodes))],
+                                                      [True] * len(episodes))
+    iterations = os.environ["LOOP_TEST_ITERATIONS"]
+    flags = ["--model", "tiny", "--k", "4", "--tasks-per-iter", "4", "--minibatch", "8", "--micro-batch", "4",
+             "--epochs", "1", "--max-new-tokens", "4", "--max-seq-len", "256", "--lr", "1e-3", "--eval-every", "0",
+             "--warm-start-epochs", "0", "--save-every", "1", "--iterations", iterations, "--dist-timeout-s", "120",
+             "--out-dir", os.environ["LOOP_TEST_OUT"]] + (["--resume"] if iterations != "1" else [])
+    history = train.main(flags, envs=CapitalLetterEnv(16), train_tasks=[f"t{i}" for i in range(4)], eval_tasks=["t0"])
+    gpu = torch.cuda.is_available()
+    assert seen["fsdp"] and seen["world"] == 1 and ("nccl" if gpu else "gloo") in seen["backend"], seen
+    assert seen["trainable"] == seen["adam"] == {torch.float32} and seen["reduce"] == torch.float32, seen
+    assert seen["frozen"] == {torch.bfloat16} and seen["lora_compute"] == torch.bfloat16, seen  # mixed precision
+    its = [r["iteration"] for r in history if "success" in r]
+    steps = [r["optimizer_steps"] for r in history if "success" in r]
+    print(f"rank 0 ok iterations {its} steps {steps}", flush=True)
+
+
+@cuda
+def test_cuda_one_rank_torchrun_trains_on_nccl_with_fsdp2_mixed_precision_resumes_and_exports(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "--standalone", __file__,
+           "cuda-train-worker"]
+    saved = []
+    for iterations in (1, 2):  # the second process resumes from the first one's checkpoint
+        env = {**os.environ, "LOOP_TEST_OUT": str(out), "LOOP_TEST_ITERATIONS": str(iterations)}
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env,
+                              cwd=os.path.dirname(os.path.abspath(__file__)))
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+        assert f"rank 0 ok iterations [{iterations}] steps [2]" in proc.stdout, proc.stdout[-2000:]
+        saved.append(torch.load(out / "checkpoint.pt", weights_only=False))
+    first, second = saved
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in rows if "success" in r] == [1, 2] and second["iteration"] == 2
+    assert {int(s["step"]) for s in second["optimizer"]["state"].values()} == {4}  # Adam went on from 2 steps
+    assert any(not torch.equal(first["model"][k], second["model"][k]) for k in first["model"])
+    # The export written under FSDP2 on NCCL is what the adapters in the checkpoint, merged, give.
+    torch.manual_seed(0)
+    ref, _ = model.load(tiny=True, device="cuda")  # the worker's initial weights (seed 0, rank 0)
+    model.add_lora(ref)
+    model.load_trainable_state_dict(ref, {k: v for k, v in second["model"].items() if ".lora_" in k})  # (tied lm_head too)
+    want = model.export_state_dict(ref)
+    got = AutoModelForCausalLM.from_pretrained(out / "final").state_dict()
+    for k, v in want.items():
+        assert torch.equal(got[k].to(v.dtype), v), k
+
+
+if __name__ == "__main__" and sys.argv[1:] == ["cuda-train-worker"]:
+    _cuda_train_worker()
+    sys.exit(0)
