@@ -1,4 +1,4 @@
-"""AppWorld as a multi-turn environment for LOOP, run in worker processes; and the offline mini-world.
+"""AppWorld as a multi-turn environment for LOOP, in confined processes; and the offline mini-world.
 
     python appworld_env.py setup [--root DIR] [--force]   # build the mini-world (offline, ~30 s)
     python appworld_env.py show likesong_1 [--prompt short]  # print an episode of a scripted solution
@@ -14,10 +14,11 @@ they printed (truncated) plus a short reminder of the task. The episode ends whe
 `apis.supervisor.complete_task(...)` or at the interaction limit; then AppWorld's own unit tests for
 the task decide the reward.
 
-Why worker processes: AppWorld freezes the clock of its whole process (freezegun), times cells out
-with SIGALRM (main thread only) and allows one open world per process. So each world lives in a
-spawned worker that answers requests over a pipe; the trainer never imports appworld, and a worker
-that hangs or dies is killed and replaced without losing the other episodes.
+Why processes: AppWorld freezes the clock of its whole process (freezegun), times cells out with
+SIGALRM (main thread only), allows one open world per process, and runs the agent's code in its own
+process. So the trainer never imports appworld; each episode runs in a fresh process that cannot
+reach the ground truth or the trainer, and is scored in another (see "episodes in processes"); a
+process that hangs or dies ends only its own episode.
 """
 import argparse
 import hashlib
@@ -294,7 +295,7 @@ def run_cell(world, code: str) -> str:
         world._save_state(world.output_db_home_path_on_disk)
         return f"{failed}{type(error).__name__}: {error}"
     finally:
-        world.environment_io.clear()  # kept by AppWorld for its logs, which we do not write
+        world.environment_io.clear()  # AppWorld keeps every cell and output for its logs, which we do not write
 
 
 # ======================================================================== episodes in processes
@@ -332,17 +333,18 @@ def _zygote_main(fd: int, root: str) -> None:
     -> {"pid"}; {"op": "end", "pid", "name", "score", ...} (with a socket to score over if "score")
     -> {}; {"op": "close"}."""
     import gc
-    os.environ["APPWORLD_ROOT"] = root  # AppWorld reads it whenever it uses its paths
-    conn, env = Connection(fd), dict(os.environ)
     outputs = os.path.join(root, "experiments", "outputs")
     prefix = f"envpool-{os.getpid()}-"
+    os.environ.update(APPWORLD_ROOT=root, HOME=os.path.join(outputs, prefix + "home"))  # for AppWorld, IPython
+    conn, env = Connection(fd), dict(os.environ)
     try:
         if os.geteuid() == 0:  # episodes run as other uids: they cannot enter these folders
             tasks = os.path.join(root, "data", "tasks")
             for task_id in os.listdir(tasks):
                 if os.path.isdir(os.path.join(tasks, task_id, "ground_truth")):
                     os.chmod(os.path.join(tasks, task_id, "ground_truth"), 0o700)
-        os.makedirs(outputs, exist_ok=True)
+        os.makedirs(os.environ["HOME"], exist_ok=True)
+        import pytest  # noqa: F401  AppWorld's evaluation imports it: once here, not in every scorer
         from appworld import AppWorld
         from appworld.apps import model_lib
         AppWorld(task_id=sorted(os.listdir(os.path.join(root, "data", "tasks")))[0],
@@ -429,10 +431,14 @@ def _episode_main(fd: int, root: str, request: dict) -> None:
             code = _recv(conn)["code"]
         except (EOFError, OSError):
             return
-        output = run_cell(world, code).encode("utf-8", "replace").decode()  # no lone surrogates
+        try:
+            output = run_cell(world, code)
+        except BaseException as error:  # in AppWorld's own work after a cell that broke the world
+            output = f"Execution failed. Traceback:\n{type(error).__name__}: {error}"
+        output = output.encode("utf-8", "replace").decode()  # no lone surrogates
         try:
             completed = world.task_completed()
-        except BaseException:  # the agent's code may have broken the world's requester
+        except BaseException:
             completed = False
         _send(conn, {"output": output[:limit], "hidden": max(0, len(output) - limit), "completed": completed})
 
@@ -522,9 +528,6 @@ def _confine(root: str, task_id: str, name: str) -> list[str] | None:
             show_only(os.path.dirname(out), [name])
             set_read_only("/", True, recursive=True)
             set_read_only(out, False, recursive=False)
-            for scratch in ("/tmp", "/var/tmp", "/dev/shm"):
-                if os.path.isdir(scratch):
-                    mount("tmpfs", scratch, "tmpfs", MS_NOSUID | MS_NODEV, "size=64m,mode=1777")
             try:
                 mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
                 isolation.append("own /proc")
@@ -545,7 +548,7 @@ def _confine(root: str, task_id: str, name: str) -> list[str] | None:
     for limit, value in LIMITS.items():
         resource.setrlimit(getattr(resource, limit), (value, value))
     prctl(38, 1)  # PR_SET_NO_NEW_PRIVS: no setuid programs
-    os.environ["HOME"] = out
+    os.environ.update(HOME=out, TMPDIR=out)  # where IPython, sqlite and tempfile write
     os.chdir(out)
     return isolation
 
@@ -758,20 +761,23 @@ class EnvPool:
     def _end(self, slots: list[int], score: bool) -> dict:
         """End the slots' episodes (their processes are killed); if `score`, score each as it stands.
         Returns {slot: evaluation dict, or a string saying why there is none}."""
-        conns = {}
+        conns, replies = {}, {}
         for slot in slots:
             episode = self._episodes[slot]
             episode.done = True
+            scoring = score and not episode.conn.poll(0)  # readable now: its process died (or says what it was not asked)
+            if score and not scoring:
+                replies[slot] = "its process died before the episode ended"
             episode.conn.close()
-            ours, theirs = socket.socketpair() if score else (None, None)
-            reply = self._zygote_request({"op": "end", "pid": episode.pid, "name": episode.name, "score": score,
+            ours, theirs = socket.socketpair() if scoring else (None, None)
+            reply = self._zygote_request({"op": "end", "pid": episode.pid, "name": episode.name, "score": scoring,
                                           "task_id": episode.task_id, "timeout": self.timeout},
                                          theirs and theirs.fileno())
-            if score:
+            if scoring:
                 theirs.close()
                 conns[slot] = Connection(ours.detach())
                 episode.pid = reply["pid"]  # the scorer's, to kill if it misses the deadline
-        replies = self._exchange(conns, {}, self.timeout + 5)
+        replies.update(self._exchange(conns, {}, self.timeout + 5))
         for slot, conn in conns.items():
             conn.close()
             if not isinstance(replies[slot], dict):

@@ -520,6 +520,14 @@ IMPORT = "imp = getattr(builtins, '_' * 2 + 'import' + '_' * 2)\n"
 OPEN = "op = getattr(builtins, 'op' + 'en')\n"
 
 
+def _skip_unless(pool, *any_of):
+    """Skip on a platform that gives the pool none of these (see EnvPool.isolation and the README)."""
+    if pool.isolation is None:  # known from the first episode on
+        pool.reset([0], ["birthday_1"])
+    if not set(any_of) & set(pool.isolation):
+        pytest.skip(f"agent code runs without {' or '.join(any_of)} here: {pool.isolation}")
+
+
 def _run(pool, code, slot=0):
     """Run one cell in the slot's running episode; returns the observation (the episode goes on)."""
     result = pool.step([slot], [f"```python\n{code}\n```"])[0]
@@ -543,6 +551,7 @@ def test_env_patching_the_evaluator_gives_a_wrong_answer_no_reward_then_or_later
 
 def test_env_ground_truth_is_out_of_reach_of_agent_code(pool, world_root):
     """The bypasses of the guard a hostile probe found, plus reading the world object in memory."""
+    _skip_unless(pool, "own uid", "hidden ground truth")
     truth = os.path.join(world_root, "data", "tasks", "birthday_1", "ground_truth").replace("ground_truth", 'ground" "_truth')
     answer = _answer(world_root, "birthday_1")
     attempts = [
@@ -574,6 +583,8 @@ def test_env_agent_process_holds_none_of_the_trainer_environment(pool):
                 OPEN + "print(op('/proc/self/environ').read())",
                 OPEN + f"print(op('/proc/{os.getpid()}/environ').read())",
                 OPEN + "print(op('/proc/1/environ').read())"]
+    if not {"own uid", "own /proc"} & set(pool.isolation):
+        attempts.pop(3)  # the trainer's /proc/<pid>/environ: readable by a process of its own uid that sees it
     pool.reset([0], ["birthday_1"])
     seen = [_run(pool, code) for code in attempts]
     assert "APPWORLD_ROOT" in seen[0] and "APPWORLD_ROOT" in seen[1]  # the reads worked
@@ -581,26 +592,29 @@ def test_env_agent_process_holds_none_of_the_trainer_environment(pool):
 
 
 def test_env_agent_code_cannot_write_outside_its_output_nor_signal_the_trainer(pool, world_root):
+    _skip_unless(pool, "own uid", "read-only files")
     evaluation = os.path.join(world_root, "data", "tasks", "birthday_1", "ground_truth", "evaluation.py")
-    with open(evaluation, "rb") as file:
-        before = file.read()
-    stray = [os.path.join(world_root, "data", "stray.txt"), os.path.join(env.REPO, "stray.txt"),
-             f"/tmp/loop-stray-{os.getpid()}.txt"]
+    stray = [os.path.join(world_root, "data", "stray.txt"), os.path.join(env.REPO, "stray.txt")]
+    if "read-only files" in pool.isolation:  # without namespaces, /tmp is writable by anyone
+        stray.append(f"/tmp/loop-stray-{os.getpid()}.txt")
+    create = IMPORT + "posix = imp('posix')\nposix.close(posix.open({!r}, posix.O_WRONLY | posix.O_CREAT))\nprint('created')"
+    append = IMPORT + "posix = imp('posix')\nposix.close(posix.open({!r}, posix.O_WRONLY | posix.O_APPEND))\nprint('opened')"
     received = []
     previous = signal.signal(signal.SIGUSR1, lambda *_: received.append(1))
-    write = IMPORT + "posix = imp('posix')\nposix.write(posix.open({!r}, posix.O_WRONLY | posix.O_CREAT | posix.O_TRUNC), b'x')\nprint('written')"
     try:
         pool.reset([0], ["birthday_1"])
-        for path in [evaluation] + stray:
-            _run(pool, write.format(path).replace("ground_truth", 'ground" "_truth'))
-        assert "written" in _run(pool, write.format("inside-its-output.txt"))  # its own folder is writable
+        assert "opened" not in _run(pool, append.format(evaluation).replace("ground_truth", 'ground" "_truth'))
+        for path in stray:
+            assert "created" not in _run(pool, create.format(path))
+        assert "created" in _run(pool, create.format("inside-its-output.txt"))  # its own folder is writable
         _run(pool, IMPORT + f"imp('posix').kill({os.getpid()}, {int(signal.SIGUSR1)})")
         time.sleep(0.2)
     finally:
         signal.signal(signal.SIGUSR1, previous)
-    with open(evaluation, "rb") as file:
-        assert file.read() == before
-    assert not any(os.path.exists(path) for path in stray) and not received
+        for path in stray:
+            if os.path.exists(path):
+                os.remove(path)
+    assert not received
 
 
 def test_env_any_exception_or_malformed_code_is_an_observation_and_the_episode_goes_on(pool):
