@@ -313,7 +313,7 @@ def run_cell(world, code: str) -> str:
 # pickle: that would run code the agent sent).
 
 MAX_CODE_CHARS = 20_000
-ENV_KEEP = ("PATH", "PYTHONPATH", "LANG", "LC_ALL", "TZ")  # all the trainer's environment the zygote gets
+ENV_KEEP = ("PATH", "PYTHONPATH", "LD_LIBRARY_PATH", "LANG", "LC_ALL", "TZ")  # all of the trainer's the zygote gets
 UID_BASE = 1 << 30  # as root, an episode runs as uid UID_BASE + its pid: a uid nothing else has
 LIMITS = {"RLIMIT_FSIZE": 64 << 20, "RLIMIT_AS": 4 << 30, "RLIMIT_CORE": 0}  # NPROC too, with an own uid
 SQL_VERBS = {"INSERT", "UPDATE", "DELETE", "CREATE", "DROP"}  # what AppWorld's change tracker records
@@ -329,9 +329,7 @@ def _recv(conn, limit: int = 1 << 26):
 
 
 def _zygote_main(fd: int, root: str) -> None:
-    """The pool's trusted process. Requests, one at a time: {"op": "episode", ...} with a socket
-    -> {"pid"}; {"op": "end", "pid", "name", "score", ...} (with a socket to score over if "score")
-    -> {}; {"op": "close"}."""
+    """The pool's trusted process: warm up, answer {"ready"} or {"error"}, serve, clean up."""
     import gc
     outputs = os.path.join(root, "experiments", "outputs")
     prefix = f"envpool-{os.getpid()}-"
@@ -347,8 +345,10 @@ def _zygote_main(fd: int, root: str) -> None:
         import pytest  # noqa: F401  AppWorld's evaluation imports it: once here, not in every scorer
         from appworld import AppWorld
         from appworld.apps import model_lib
-        AppWorld(task_id=sorted(os.listdir(os.path.join(root, "data", "tasks")))[0],
-                 experiment_name=prefix + "warmup", load_ground_truth=False).close()
+        world = AppWorld(task_id=sorted(os.listdir(os.path.join(root, "data", "tasks")))[0],
+                         experiment_name=prefix + "warmup", load_ground_truth=False)
+        world.execute("apis.supervisor.show_profile()")  # a first API call has its own one-time costs
+        world.close()
         AppWorld.close_all()
         # that world left the base databases open read-write (as root) in caches: an episode would inherit them
         model_lib.get_cached_db_engine.cache_clear()
@@ -359,9 +359,19 @@ def _zygote_main(fd: int, root: str) -> None:
         gc.freeze()  # forks share these pages instead of copying them as the collector touches them
     except BaseException as error:
         _send(conn, {"error": f"{type(error).__name__}: {error}"})
-        return
-    _send(conn, {"ready": True})
-    children = set()
+    else:
+        _send(conn, {"ready": True})
+        _zygote_serve(conn, root)
+    for name in os.listdir(outputs) if os.path.isdir(outputs) else []:
+        if name.startswith(prefix):
+            shutil.rmtree(os.path.join(outputs, name), ignore_errors=True)
+
+
+def _zygote_serve(conn, root: str) -> None:
+    """Requests, one at a time: {"op": "episode", ...} with a socket -> {"pid"}: fork an episode;
+    {"op": "end", "pid", "name", "score", ...} (with a socket if "score") -> {} or {"pid"}: kill the
+    episode's process, then fork a scorer or delete its outputs; {"op": "close"}."""
+    outputs, children = os.path.join(root, "experiments", "outputs"), set()
     while True:
         try:
             request = _recv(conn)
@@ -396,9 +406,6 @@ def _zygote_main(fd: int, root: str) -> None:
     for pid in children:
         os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
-    for name in os.listdir(outputs):
-        if name.startswith(prefix):
-            shutil.rmtree(os.path.join(outputs, name), ignore_errors=True)
 
 
 def _episode_main(fd: int, root: str, request: dict) -> None:
@@ -726,10 +733,26 @@ class EnvPool:
                 pass
             if attempt:  # the zygote died or hangs (its episodes died with it): start another
                 break
-            process.kill()
-            process.wait()
+            self._stop_zygote(polite=False)
             self._start_zygote()
         raise RuntimeError("AppWorld's zygote process failed twice in a row.")
+
+    def _stop_zygote(self, polite: bool) -> None:
+        process, conn = self._zygote
+        try:
+            if polite:
+                _send(conn, {"op": "close"})  # it kills its episodes and deletes their outputs
+                process.wait(30)
+        except (OSError, subprocess.TimeoutExpired):
+            pass
+        process.kill()
+        process.wait()
+        conn.close()
+        self._zygote = None
+        outputs = os.path.join(self.root, "experiments", "outputs")
+        for name in os.listdir(outputs):  # what it left, if it could not clean up
+            if name.startswith(f"envpool-{process.pid}-"):
+                shutil.rmtree(os.path.join(outputs, name), ignore_errors=True)
 
     def _exchange(self, conns: dict, messages: dict, timeout: float) -> dict:
         """Send each slot's message (if any) on its socket, then gather one reply per slot until the
@@ -937,15 +960,7 @@ class EnvPool:
             if episode is not None:
                 episode.conn.close()
         if self._zygote is not None:
-            process, conn = self._zygote
-            try:
-                _send(conn, {"op": "close"})
-                process.wait(30)
-            except (OSError, TimeoutError, subprocess.TimeoutExpired):
-                process.kill()
-                process.wait()
-            conn.close()
-            self._zygote = None
+            self._stop_zygote(polite=True)
 
     def __enter__(self):
         return self

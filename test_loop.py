@@ -474,7 +474,17 @@ def test_env_a_worker_killed_mid_episode_is_replaced(pool):
 
 def test_env_a_killed_zygote_fails_its_running_episodes_and_is_replaced(pool):
     pool.reset([0], ["birthday_1"])
+    episode = pool.worker_pid(0)
     os.kill(pool._zygote[0].pid, signal.SIGKILL)  # the pool's one AppWorld process, which forks the episodes
+    for _ in range(100):  # its episodes die with it, a moment later
+        try:
+            with open(f"/proc/{episode}/stat") as file:
+                if file.read().split()[2] == "Z":
+                    break
+        except FileNotFoundError:
+            break
+        time.sleep(0.05)
+    time.sleep(0.2)
     dead = pool.step([0], ["```python\nprint(1)\n```"])[0]
     assert dead.done and dead.info["env_failed"] and "died" in dead.info["error"]
     assert _play(pool, ["birthday_2"], [env.solution("birthday_2")])[0].reward == 1.0
