@@ -371,14 +371,20 @@ def _zygote_serve(conn, root: str) -> None:
     """Requests, one at a time: {"op": "episode", ...} with a socket -> {"pid"}: fork an episode;
     {"op": "end", "pid", "name", "score", ...} (with a socket if "score") -> {} or {"pid"}: kill the
     episode's process, then fork a scorer or delete its outputs; {"op": "close"}."""
+    import ctypes
+    if hasattr(ctypes.CDLL(None), "prctl"):  # PR_SET_CHILD_SUBREAPER: orphaned agent processes are ours to reap
+        ctypes.CDLL(None).prctl(36, 1, 0, 0, 0)
     outputs, children = os.path.join(root, "experiments", "outputs"), set()
     while True:
         try:
             request = _recv(conn)
         except (EOFError, OSError):
             break
-        while children:  # reap what ended on its own
-            pid, _ = os.waitpid(-1, os.WNOHANG)
+        while True:  # reap what ended, its own children and the orphans of its children's children
+            try:
+                pid, _ = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                break
             if not pid:
                 break
             children.discard(pid)
@@ -388,6 +394,15 @@ def _zygote_serve(conn, root: str) -> None:
             os.kill(request["pid"], signal.SIGKILL)  # its PID namespace (if any) dies with it
             os.waitpid(request["pid"], 0)
             children.discard(request["pid"])
+        if request["op"] == "end" and request.get("sweep"):  # no PID namespace: kill what it started, by its uid
+            helper = os.fork()
+            if helper == 0:
+                try:
+                    os.setuid(UID_BASE + request["pid"])  # never kill(-1) as root: if this fails, nothing is sent
+                    os.kill(-1, signal.SIGKILL)
+                finally:
+                    os._exit(0)
+            os.waitpid(helper, 0)
         if request["op"] == "end" and not request["score"]:
             shutil.rmtree(os.path.join(outputs, request["name"]), ignore_errors=True)
             _send(conn, {})
@@ -793,8 +808,10 @@ class EnvPool:
                 replies[slot] = "its process died before the episode ended"
             episode.conn.close()
             ours, theirs = socket.socketpair() if scoring else (None, None)
+            isolation = self.isolation or ()
+            sweep = "own uid" in isolation and "read-only files" not in isolation
             reply = self._zygote_request({"op": "end", "pid": episode.pid, "name": episode.name, "score": scoring,
-                                          "task_id": episode.task_id, "timeout": self.timeout},
+                                          "task_id": episode.task_id, "timeout": self.timeout, "sweep": sweep},
                                          theirs and theirs.fileno())
             if scoring:
                 theirs.close()
