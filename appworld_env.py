@@ -765,7 +765,7 @@ class EnvPool:
         conn.close()
         self._zygote = None
         outputs = os.path.join(self.root, "experiments", "outputs")
-        for name in os.listdir(outputs):  # what it left, if it could not clean up
+        for name in os.listdir(outputs) if os.path.isdir(outputs) else []:  # what it left, if it could not clean up
             if name.startswith(f"envpool-{process.pid}-"):
                 shutil.rmtree(os.path.join(outputs, name), ignore_errors=True)
 
