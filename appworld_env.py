@@ -1,4 +1,4 @@
-"""AppWorld as a multi-turn environment for LOOP, run in worker processes; and the offline mini-world.
+"""AppWorld as a multi-turn environment for LOOP, in confined processes; and the offline mini-world.
 
     python appworld_env.py setup [--root DIR] [--force]   # build the mini-world (offline, ~30 s)
     python appworld_env.py show likesong_1 [--prompt short]  # print an episode of a scripted solution
@@ -15,10 +15,11 @@ plus a reminder of the task. The episode ends when the agent calls `apis.supervi
 at the interaction limit, or when the trainer calls `score` (its context is full); then AppWorld's
 own unit tests for the task decide the reward.
 
-Why worker processes: AppWorld freezes the clock of its whole process (freezegun), times cells out
-with SIGALRM (main thread only) and allows one open world per process. So each world lives in a
-spawned worker that answers requests over a pipe; the trainer never imports appworld, and a worker
-that hangs or dies is killed and replaced without losing the other episodes.
+Why processes: AppWorld freezes the clock of its whole process (freezegun), times cells out with
+SIGALRM (main thread only), allows one open world per process, and runs the agent's code in its own
+process. So the trainer never imports appworld; each episode runs in a fresh process that cannot
+reach the ground truth or the trainer, and is scored in another (see "episodes in processes"); a
+process that hangs or dies ends only its own episode.
 """
 import argparse
 import hashlib
@@ -27,11 +28,15 @@ import multiprocessing as mp
 import os
 import re
 import shutil
+import signal
+import socket
 import string
+import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
-from multiprocessing.connection import wait
+from multiprocessing.connection import Connection, wait
+from multiprocessing.reduction import recv_handle, send_handle
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_ROOT = os.environ.get("APPWORLD_ROOT") or os.path.join(REPO, "appworld_root")
@@ -266,17 +271,16 @@ def extract_code(text: str) -> str | None:
     return "\n\n".join(blocks) if blocks else None
 
 
-# AppWorld's own guard blocks open(), subprocess, os.system, ... but allows `import os`, `pathlib`
-# (Path.read_text) and `import appworld`, any of which can read the ground truth on disk. This is an
-# extra syntactic check of ours, not a sandbox: enough to keep a policy from stumbling on the answer.
-# (What AppWorld already blocks, like open() or subprocess, is left to its guard and its messages.)
+# A friendly first message for code that reaches for the file system or the interpreter's insides,
+# in AppWorld's words. It is a text check, easy to get around, and not what keeps the answer away:
+# that is the episode's process (see "episodes in processes" below and the README's "Isolation").
 BLOCKED_MODULES = {"os", "sys", "pathlib", "appworld", "importlib", "io", "shutil", "inspect", "gc",
                    "ctypes", "builtins", "socket", "marshal"}
 BLOCKED_NAMES = {"__import__", "eval", "exec", "compile", "globals", "locals", "vars"}
 
 
 def guard(code: str) -> str | None:
-    """An error message if the code tries to reach outside the apps, else None."""
+    """An error message if the code plainly tries to reach outside the apps, else None."""
     import ast
     if "ground_truth" in code:
         return "Execution failed. Traceback:\nAccess to the task's ground truth is not allowed."
@@ -297,70 +301,355 @@ def guard(code: str) -> str | None:
             return f"Execution failed. Traceback:\nUsage of the following function is not allowed: {node.id}."
         dunder = (node.attr if isinstance(node, ast.Attribute) else
                   node.value if isinstance(node, ast.Constant) and isinstance(node.value, str) else "")
-        if "__" in dunder:  # obj.__class__..., getattr(obj, "__globals__"): the ways out of the shell
+        if "__" in dunder:
             return f"Execution failed. Traceback:\nAccess to {dunder[:40]!r} is not allowed."
     return None
 
 
-def cap_chars(text: str, limit: int, unit: str = "characters") -> str:
-    if len(text) <= limit:
-        return text
-    return text[:limit] + f"\n[... output truncated: {len(text) - limit} more {unit} not shown]"
+def run_cell(world, code: str) -> str:
+    """Run agent code in an open world; whatever the code is or does, the answer is an observation."""
+    import ast
+    failed = "Execution failed. Traceback:\n"
+    if len(code) > MAX_CODE_CHARS:  # refused before AppWorld's own parse, which takes ~40 s per MB
+        return f"{failed}The code has {len(code)} characters; the limit is {MAX_CODE_CHARS}. Write smaller blocks."
+    try:
+        code.encode("utf-8")
+        ast.parse(code)
+    except UnicodeEncodeError as error:
+        return f"{failed}The code is not valid Unicode (character {error.start} is a lone surrogate)."
+    except (MemoryError, RecursionError):
+        return f"{failed}The code is nested too deeply to be parsed."
+    except SyntaxError:
+        pass  # AppWorld reports it in its own words
+    try:
+        return guard(code) or world.execute(code)
+    except BaseException as error:  # AppWorld catches Exception only: KeyboardInterrupt, SystemExit...
+        world.safety_guard.disable()  # what execute() would have done after the cell
+        world._save_state(world.output_db_home_path_on_disk)
+        return f"{failed}{type(error).__name__}: {error}"
+    finally:
+        world.environment_io.clear()  # AppWorld keeps every cell and output for its logs, which we do not write
 
 
-# ======================================================================= the worker (one process)
+# ======================================================================== episodes in processes
+#
+# AppWorld freezes the clock of its whole process (freezegun), times cells out with SIGALRM (main
+# thread only), allows one open world per process, and runs the agent's code in that process. So:
+# - one trusted "zygote" process per pool, started with a minimal environment, imports AppWorld and
+#   opens (then closes) one world, so that the next worlds open in ~0.1 s instead of ~3 s; it never
+#   runs agent code and never loads a ground truth;
+# - each episode is a fresh fork of it that serves that one episode and dies with it, confined
+#   (see _confine) and with its world opened without the ground truth;
+# - each score is another fresh fork, which checks and scores the output databases that the
+#   episode's world saved after every cell, after the episode's processes are gone.
+# The trainer never imports appworld; it talks to each process over its own socket, in JSON (never
+# pickle: that would run code the agent sent).
 
-def _evaluation_summary(world) -> dict:
-    tracker = world.evaluate(suppress_errors=True)
-    return {"success": tracker.success, "pass_count": tracker.pass_count, "num_tests": tracker.num_tests,
-            "passed_labels": [p["label"] for p in tracker.passes],
-            "failed_labels": [f["label"] for f in tracker.failures],
-            "failures": [f["requirement"] for f in tracker.failures]}
+MAX_CODE_CHARS = 20_000
+ENV_KEEP = ("PATH", "PYTHONPATH", "LD_LIBRARY_PATH", "LANG", "LC_ALL", "TZ")  # all of the trainer's the zygote gets
+UID_BASE = 1 << 30  # as root, an episode runs as uid UID_BASE + its pid: a uid nothing else has
+LIMITS = {"RLIMIT_FSIZE": 64 << 20, "RLIMIT_AS": 4 << 30, "RLIMIT_CORE": 0}  # NPROC too, with an own uid
+SQL_VERBS = {"INSERT", "UPDATE", "DELETE", "CREATE", "DROP"}  # what AppWorld's change tracker records
+ISOLATION = ("own uid", "read-only files", "hidden ground truth", "no network", "own /proc")  # see _confine
 
 
-def _worker_main(conn, root: str, name: str, exec_timeout: int, max_raw_chars: int) -> None:
-    """Serve requests for one world at a time: ("reset", task_id), ("step", code, evaluate),
-    ("evaluate",), ("close",). Replies are ("ok", dict) or ("error", message)."""
-    os.environ["APPWORLD_ROOT"] = root  # AppWorld reads it when its paths are used
-    from appworld import AppWorld  # imported here only: it freezes this process's clock later
+def _send(conn, message) -> None:
+    conn.send_bytes(json.dumps(message).encode())
 
-    world = None
+
+def _recv(conn, limit: int = 1 << 26):
+    return json.loads(conn.recv_bytes(limit))
+
+
+def _zygote_main(fd: int, root: str) -> None:
+    """The pool's trusted process: warm up, answer {"ready"} or {"error"}, serve, clean up."""
+    import gc
+    outputs = os.path.join(root, "experiments", "outputs")
+    prefix = f"envpool-{os.getpid()}-"
+    os.environ.update(APPWORLD_ROOT=root, HOME=os.path.join(outputs, prefix + "home"))  # for AppWorld, IPython
+    conn, env = Connection(fd), dict(os.environ)
+    try:
+        if os.geteuid() == 0:  # episodes run as other uids: they cannot enter these folders
+            tasks = os.path.join(root, "data", "tasks")
+            for task_id in os.listdir(tasks):
+                if os.path.isdir(os.path.join(tasks, task_id, "ground_truth")):
+                    os.chmod(os.path.join(tasks, task_id, "ground_truth"), 0o700)
+        os.makedirs(os.environ["HOME"], exist_ok=True)
+        import pytest  # noqa: F401  AppWorld's evaluation imports it: once here, not in every scorer
+        from appworld import AppWorld
+        from appworld.apps import model_lib
+        world = AppWorld(task_id=sorted(os.listdir(os.path.join(root, "data", "tasks")))[0],
+                         experiment_name=prefix + "warmup", load_ground_truth=False)
+        world.execute("apis.supervisor.show_profile()")  # a first API call has its own one-time costs
+        world.close()
+        AppWorld.close_all()
+        # that world left the base databases open read-write (as root) in caches: an episode would inherit them
+        model_lib.get_cached_db_engine.cache_clear()
+        model_lib.get_direct_cached_sqlite3_connection.cache_clear()
+        os.environ.clear()
+        os.environ.update(env)  # what appworld's import added goes (it loads .env files)
+        gc.collect()
+        gc.freeze()  # forks share these pages instead of copying them as the collector touches them
+    except BaseException as error:
+        _send(conn, {"error": f"{type(error).__name__}: {error}"})
+    else:
+        _send(conn, {"ready": True})
+        _zygote_serve(conn, root)
+    for name in os.listdir(outputs) if os.path.isdir(outputs) else []:
+        if name.startswith(prefix):
+            shutil.rmtree(os.path.join(outputs, name), ignore_errors=True)
+
+
+def _zygote_serve(conn, root: str) -> None:
+    """Requests, one at a time: {"op": "episode", ...} with a socket -> {"pid"}: fork an episode;
+    {"op": "end", "pid", "name", "score", ...} (with a socket if "score") -> {} or {"pid"}: kill the
+    episode's process, then fork a scorer or delete its outputs; {"op": "close"}."""
+    import ctypes
+    if hasattr(ctypes.CDLL(None), "prctl"):  # PR_SET_CHILD_SUBREAPER: orphaned agent processes are ours to reap
+        ctypes.CDLL(None).prctl(36, 1, 0, 0, 0)
+    outputs, children = os.path.join(root, "experiments", "outputs"), set()
     while True:
         try:
-            request = conn.recv()
+            request = _recv(conn)
         except (EOFError, OSError):
             break
-        try:
-            kind = request[0]
-            if kind == "close":
+        while True:  # reap what ended, its own children and the orphans of its children's children
+            try:
+                pid, _ = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
                 break
-            if kind == "reset":
-                if world is not None:
-                    world.close()
-                    world = None
-                # experiment_name is per worker: AppWorld deletes and rewrites its output folder
-                world = AppWorld(task_id=request[1], experiment_name=name, timeout_seconds=exec_timeout)
-                task = world.task
-                reply = {"instruction": task.instruction, "datetime": str(task.datetime),
-                         "supervisor": {k: task.supervisor[k] for k in
-                                        ("first_name", "last_name", "email", "phone_number")}}
-            elif kind == "step":
-                code, evaluate_now = request[1], request[2]
-                output = guard(code) or world.execute(code)
-                completed = world.task_completed()
-                reply = {"output": cap_chars(output, max_raw_chars), "completed": completed}
-                if completed or evaluate_now:
-                    reply["evaluation"] = _evaluation_summary(world)
-            elif kind == "evaluate":
-                reply = {"evaluation": _evaluation_summary(world)}
+            if not pid:
+                break
+            children.discard(pid)
+        if request["op"] == "close":
+            break
+        if request["op"] == "end" and request["pid"] in children:
+            os.kill(request["pid"], signal.SIGKILL)  # its PID namespace (if any) dies with it
+            os.waitpid(request["pid"], 0)
+            children.discard(request["pid"])
+        if request["op"] == "end" and request.get("sweep"):  # no PID namespace: kill what it started, by its uid
+            helper = os.fork()
+            if helper == 0:
+                try:
+                    os.setuid(UID_BASE + request["pid"])  # never kill(-1) as root: if this fails, nothing is sent
+                    os.kill(-1, signal.SIGKILL)
+                finally:
+                    os._exit(0)
+            os.waitpid(helper, 0)
+        if request["op"] == "end" and not request["score"]:
+            shutil.rmtree(os.path.join(outputs, request["name"]), ignore_errors=True)
+            _send(conn, {})
+            continue
+        sock = recv_handle(conn)
+        pid = os.fork()
+        if pid == 0:
+            main = _episode_main if request["op"] == "episode" else _score_main
+            try:
+                main(sock, root, request)
+            finally:
+                os._exit(0)
+        os.close(sock)
+        children.add(pid)
+        _send(conn, {"pid": pid})
+    for pid in children:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+
+
+def _episode_main(fd: int, root: str, request: dict) -> None:
+    """In a fresh fork of the zygote: confine this process, open the task's world, serve the episode."""
+    conn = Connection(fd)
+    try:
+        os.setsid()  # no signals from the trainer's terminal
+        null = os.open(os.devnull, os.O_RDWR)
+        for std in (0, 1, 2):  # nothing written to the trainer's terminal or logs
+            os.dup2(null, std)
+        os.closerange(3, fd)  # inherited files (the zygote's socket, ...) the agent must not reach
+        os.closerange(fd + 1, 1 << 16)
+        isolation = _confine(root, request["task_id"], request["name"])
+        if isolation is None:
+            return  # the parent of the agent's process, which has now ended
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # over the file size limit, a write fails instead
+        from appworld import AppWorld
+        world = AppWorld(task_id=request["task_id"], experiment_name=request["name"], load_ground_truth=False,
+                         timeout_seconds=request["exec_timeout"])
+        world.save_logs = lambda: None  # nobody reads AppWorld's logs, and their writer fails on some outputs
+        task = world.task
+        _send(conn, {"instruction": task.instruction, "datetime": str(task.datetime), "isolation": isolation,
+                     "supervisor": {k: task.supervisor[k] for k in ("first_name", "last_name", "email", "phone_number")}})
+    except BaseException as error:
+        _send(conn, {"error": f"{type(error).__name__}: {error}"})
+        return
+    limit = request["max_raw_chars"]
+    while True:
+        try:
+            code = _recv(conn)["code"]
+        except (EOFError, OSError):
+            return
+        try:
+            output = run_cell(world, code)
+        except BaseException as error:  # in AppWorld's own work after a cell that broke the world
+            output = f"Execution failed. Traceback:\n{type(error).__name__}: {error}"
+        output = output.encode("utf-8", "replace").decode()  # no lone surrogates
+        try:
+            completed = world.task_completed()
+        except BaseException:
+            completed = False
+        _send(conn, {"output": output[:limit], "hidden": max(0, len(output) - limit), "completed": completed})
+
+
+def _closed_folders(paths: list[str]) -> dict:
+    """{folder: the entries in it on the way to `paths`}, for each folder on the way that users other
+    than its owner cannot enter (e.g. a home folder holding Python or the data)."""
+    closed = {}
+    for path in {os.path.realpath(p) for p in paths if os.path.exists(p)}:
+        parts = path.strip("/").split("/")
+        for depth in range(len(parts)):
+            folder = "/" + "/".join(parts[:depth])
+            if not os.stat(folder).st_mode & 0o001:
+                closed.setdefault(folder, set()).add(parts[depth])
+    return closed
+
+
+def _confine(root: str, task_id: str, name: str) -> list[str] | None:
+    """Take from this process what agent code must not have, as far as the platform allows; returns
+    what was taken (see ISOLATION and the README's "Isolation"). Forks once: the parent only waits
+    for the confined child and gets None back."""
+    import ctypes
+    import resource
+    libc = ctypes.CDLL(None, use_errno=True)
+    MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_BIND, MS_REC, MS_PRIVATE = 2, 4, 8, 4096, 0x4000, 0x40000
+    NEWNS, NEWIPC, NEWUSER, NEWPID, NEWNET = 0x20000, 0x8000000, 0x10000000, 0x20000000, 0x40000000
+
+    def call(function, *args):
+        if function(*args) != 0:
+            raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()))
+
+    def prctl(option, value):
+        if hasattr(libc, "prctl"):  # Linux only
+            call(libc.prctl, option, value, 0, 0, 0)
+
+    def mount(source, target, kind=None, flags=0, options=None):
+        call(libc.mount, source.encode(), target.encode(), kind and kind.encode(), flags, options and options.encode())
+
+    def set_read_only(path, read_only, recursive):  # mount_setattr(2), system call 442 on every architecture
+        attr = (ctypes.c_uint64 * 4)(int(read_only), int(not read_only), 0, 0)
+        call(libc.syscall, 442, -100, path.encode(), 0x8000 if recursive else 0, attr, ctypes.sizeof(attr))
+
+    def show_only(folder, entries):  # over `folder`, an empty one, into which `entries` are bound again
+        handles = {entry: os.open(os.path.join(folder, entry), os.O_PATH) for entry in entries}
+        mount("tmpfs", folder, "tmpfs", 0, "size=64k,mode=755")
+        for entry, handle in handles.items():
+            target = os.path.join(folder, entry)
+            if os.path.isdir(f"/proc/self/fd/{handle}"):
+                os.mkdir(target)
             else:
-                raise ValueError(f"unknown request {kind!r}")
-            conn.send(("ok", reply))
-        except Exception as exception:  # report, stay alive: the parent decides what to do
-            conn.send(("error", f"{type(exception).__name__}: {exception}"))
-    # Exit at once: a normal interpreter shutdown with a world open takes ~3 s, and nothing of the
-    # world needs saving (AppWorld wrote its output databases after every cell).
-    os._exit(0)
+                open(target, "w").close()
+            mount(f"/proc/self/fd/{handle}", target, flags=MS_BIND | MS_REC)
+
+    prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG: dies with the zygote (and its child with it, below)
+    root_user, uid, gid = os.geteuid() == 0, os.getuid(), os.getgid()
+    own_uid = UID_BASE + os.getpid()  # as root: a uid nothing else has
+    closed = _closed_folders([*sys.path, root]) if root_user else {}  # closed to that uid
+    tasks, out = os.path.join(root, "data", "tasks"), os.path.join(root, "experiments", "outputs", name)
+    os.mkdir(out, 0o700)
+    if root_user:
+        os.chown(out, own_uid, own_uid)
+    try:  # as root, namespaces need CAP_SYS_ADMIN; otherwise, unprivileged user namespaces
+        call(libc.unshare, NEWNS | NEWIPC | NEWPID | NEWNET | (0 if root_user else NEWUSER))
+        if not root_user:
+            for file, text in (("setgroups", "deny"), ("uid_map", f"{uid} {uid} 1"), ("gid_map", f"{gid} {gid} 1")):
+                with open(f"/proc/self/{file}", "w") as handle:
+                    handle.write(text)
+        namespaces = True
+    except (OSError, AttributeError):
+        namespaces = False
+    child = os.fork()  # the first process of the new PID namespace: all the agent's processes die with it
+    if child:
+        os.closerange(3, 1 << 16)  # the socket too: the trainer sees the episode end when the child does
+        os.waitpid(child, 0)
+        return None
+    prctl(1, int(signal.SIGKILL))
+    isolation = []
+    if namespaces:
+        try:
+            mount("none", "/", flags=MS_REC | MS_PRIVATE)
+            for folder in sorted(closed, key=len):  # outer folders first
+                show_only(folder, closed[folder])
+            closed = {}
+            show_only(tasks, [task_id])
+            if os.path.isdir(os.path.join(tasks, task_id, "ground_truth")):
+                mount("tmpfs", os.path.join(tasks, task_id, "ground_truth"), "tmpfs", 0, "size=4k")
+            show_only(os.path.dirname(out), [name])
+            set_read_only("/", True, recursive=True)
+            set_read_only(out, False, recursive=False)
+            try:
+                mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+                isolation.append("own /proc")
+            except OSError:
+                pass  # some containers refuse a new /proc in a user namespace
+            if not root_user:  # a new user namespace locks the mounts above: the agent cannot undo them
+                call(libc.unshare, NEWUSER | NEWNS)
+            isolation += ["read-only files", "hidden ground truth", "no network"]
+        except OSError:
+            pass
+    if root_user and not closed:  # with Python or the data in a closed folder, the own uid could not import
+        resource.setrlimit(resource.RLIMIT_NPROC, (256, 256))  # counted per uid: this one alone
+        os.setgroups([])
+        os.setgid(own_uid)
+        os.setuid(own_uid)
+        prctl(1, int(signal.SIGKILL))  # a change of uid cleared it
+        isolation.append("own uid")
+    for limit, value in LIMITS.items():
+        resource.setrlimit(getattr(resource, limit), (value, value))
+    prctl(38, 1)  # PR_SET_NO_NEW_PRIVS: no setuid programs
+    os.environ.update(HOME=out, TMPDIR=out)  # where IPython, sqlite and tempfile write
+    os.chdir(out)
+    return isolation
+
+
+def _score_main(fd: int, root: str, request: dict) -> None:
+    """In a fresh fork of the zygote: score an ended episode from a checked copy of its output
+    databases, then delete them. The agent's code never ran in this process or its parent."""
+    signal.alarm(max(1, int(request["timeout"])))  # ends this process if scoring hangs
+    outputs, task_id = os.path.join(root, "experiments", "outputs"), request["task_id"]
+    checked = request["name"] + "-checked"
+    try:
+        _copy_outputs(os.path.join(outputs, request["name"]), task_id,
+                      os.path.join(outputs, checked, "tasks", task_id, "dbs"))
+        from appworld.evaluator import evaluate_task
+        tracker = evaluate_task(task_id, checked, suppress_errors=True, save_report=False)
+        reply = {"success": tracker.success, "pass_count": tracker.pass_count, "num_tests": tracker.num_tests,
+                 "passed_labels": [p["label"] for p in tracker.passes],
+                 "failed_labels": [f["label"] for f in tracker.failures],
+                 "failures": [f["requirement"] for f in tracker.failures]}
+    except Exception as error:  # the agent can write its output folder: broken outputs score 0
+        reply = {"error": f"{type(error).__name__}: {error}"}
+    for name in (request["name"], checked):
+        shutil.rmtree(os.path.join(outputs, name), ignore_errors=True)
+    _send(Connection(fd), reply)
+
+
+def _copy_outputs(folder: str, task_id: str, target: str) -> None:
+    """Copy the output databases of an episode, checking them on the way: no links, only AppWorld's
+    files, only SQL statements that change a database (not ATTACH, VACUUM INTO, ..., which reach
+    files). What is checked is what is scored: the copy is made from the bytes checked."""
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    for part in ("tasks", task_id, "dbs"):
+        fd = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
+    os.makedirs(target, 0o700)
+    for entry in os.scandir(fd):
+        if not (entry.is_file(follow_symlinks=False) and
+                (entry.name.endswith(".jsonl") or entry.name == "model_hashes.json")):
+            raise ValueError(f"unexpected {entry.name!r} among the output databases")
+        with open(entry.name, "rb", opener=lambda path, flags: os.open(path, flags | os.O_NOFOLLOW, dir_fd=fd)) as file:
+            data = file.read()
+        if entry.name.endswith(".jsonl"):
+            for line in data.splitlines():
+                if line.strip() and json.loads(line)[0].split(None, 1)[0].upper() not in SQL_VERBS:
+                    raise ValueError(f"{entry.name} holds a statement that is not a change: {line[:80]!r}")
+        with open(os.path.join(target, entry.name), "wb") as file:
+            file.write(data)
 
 
 # ===================================================================================== the pool
@@ -369,9 +658,8 @@ def _start_without_main(process) -> None:
     """Start a spawned process without re-running the parent's main script in it.
 
     Spawn normally re-imports the main module in the child; under train.py that means torch and
-    transformers in every AppWorld worker (measured: 720 MB instead of ~270 MB, and a first reset of
-    18 s instead of 5). Our targets live in this module, so the child never needs the main module:
-    hide it while the child's start-up data is taken.
+    transformers in the child. Our targets live in this module, so the child never needs the main
+    module: hide it while the child's start-up data is taken.
     """
     main = sys.modules["__main__"]
     saved = {name: main.__dict__[name] for name in ("__file__", "__spec__") if name in main.__dict__}
@@ -398,18 +686,21 @@ class StepResult:
 @dataclass
 class _Episode:
     task_id: str
-    reminder: str  # appended to every observation
+    info: dict  # the task's specs shown to the agent: instruction, datetime, supervisor
+    name: str  # AppWorld's experiment name: its output databases are under experiments/outputs/<name>
+    pid: int
+    conn: object
     interactions: int = 0
+    completed: bool = False
     done: bool = False
 
 
 class EnvPool:
-    """N worker processes, each holding at most one AppWorld world; slot i is worker i.
+    """`size` episode slots, each episode in a fresh process (see "episodes in processes" above).
 
-    `reset`, `step` and `score` take lists of slots and run them in parallel (send every request,
-    then gather). A worker that misses its deadline or dies is killed and replaced; its episode ends with
-    reward 0 and info["env_failed"]. Workers are recycled every `recycle_after` episodes because
-    AppWorld's memory grows about 1.2 MB per episode (measured: 256 MB after 1, 397 MB after 121).
+    `reset`, `step` and `score` take lists of slots and run them in parallel (send every request, then
+    gather). Whatever the agent's code is or does in its process is an observation; an episode whose
+    process dies or misses its deadline ends with reward 0 and info["env_failed"].
 
     reward: "fraction" of the task's unit tests that pass (the paper's); "binary", 1 if all pass;
         "progress", the fraction among the tests a no-op episode fails (AppWorld's "no_op_fail"
@@ -417,15 +708,17 @@ class EnvPool:
     prompt: "paper" (the paper's structure) or "short" (a few lines, for tiny models); see PROMPTS.
     tokenizer, max_obs_tokens: observations are cut at this many tokens of the policy's tokenizer
         (in this process), or at 4 characters per token without one.
-    timeout: seconds any one request may take before its worker is killed and replaced;
-    exec_timeout: AppWorld's own limit per cell (SIGALRM in the worker, which survives it).
+    timeout: seconds any one request (open a world, run a cell, score) may take before the episode
+        is failed and its process killed; exec_timeout: AppWorld's own limit per cell (SIGALRM in the
+        episode's process, which survives it); start_timeout: seconds the first start of AppWorld
+        may take (one import for the whole pool; a loaded machine slows it down), tried twice.
     """
 
     def __init__(self, size: int, root: str = DEFAULT_ROOT, *, max_interactions: int = 40,
                  reward: str = "fraction", prompt: str = "paper", tokenizer=None, max_obs_tokens: int = 3000,
-                 timeout: float = 120.0, exec_timeout: int = 60, recycle_after: int = 100):
+                 timeout: float = 120.0, exec_timeout: int = 60, start_timeout: float = 600.0):
         if size < 1:
-            raise ValueError("EnvPool needs at least one worker.")
+            raise ValueError("EnvPool needs at least one slot.")
         if reward not in REWARDS:
             raise ValueError(f"Unknown reward {reward!r}; expected one of {REWARDS}.")
         if prompt not in PROMPTS:
@@ -436,203 +729,295 @@ class EnvPool:
         self.root = os.path.abspath(root)
         self.max_interactions, self.reward, self.prompt = max_interactions, reward, prompt
         self.tokenizer, self.max_obs_tokens = tokenizer, max_obs_tokens
-        # `timeout` is our deadline for any one request; `exec_timeout` is AppWorld's own per-cell
-        # limit (SIGALRM), shorter, so an ordinary infinite loop is stopped inside the worker,
-        # which survives. Only code SIGALRM cannot interrupt (a long C call) needs the kill.
+        # AppWorld's alarm stops an ordinary infinite loop inside the episode, which goes on; only
+        # code SIGALRM cannot interrupt (a long C call) needs our deadline and the kill
         self.timeout, self.exec_timeout = timeout, max(1, int(min(exec_timeout, timeout - 1)))
-        self.recycle_after = recycle_after
-        # the worker cuts huge outputs before they cross the pipe; the parent then cuts to tokens
-        self.max_raw_chars = 8 * max_obs_tokens
-        self._ctx = mp.get_context("spawn")
-        self._started = 0  # for unique experiment names
-        self._workers = [self._start_worker() for _ in range(size)]
+        self.start_timeout = start_timeout
+        self.max_raw_chars = 8 * max_obs_tokens  # the episode cuts huge outputs before they cross the socket
+        self.isolation = None  # what the episodes' processes are kept from (the README's "Isolation")
         self._episodes: list[_Episode | None] = [None] * size
+        self._count = 0
+        self._zygote = None
+        self._start_zygote()
 
-    # ------------------------------------------------------------------------ worker management
-    def _start_worker(self) -> dict:
-        parent_conn, child_conn = self._ctx.Pipe()
-        self._started += 1
-        name = f"envpool-{os.getpid()}-{id(self)}-{self._started}"
-        process = self._ctx.Process(target=_worker_main, daemon=True,
-                                    args=(child_conn, self.root, name, self.exec_timeout, self.max_raw_chars))
-        _start_without_main(process)
-        child_conn.close()
-        return {"process": process, "conn": parent_conn, "episodes": 0, "name": name}
-
-    def _stop_worker(self, slot: int, polite: bool = True) -> None:
-        worker = self._workers[slot]
-        if polite and worker["process"].is_alive():
+    # ------------------------------------------------------------------------- the processes
+    def _start_zygote(self) -> None:
+        """Start the zygote. A slow start is waited for (start_timeout) and one that dies or misses
+        that deadline is tried again; an error that AppWorld reports is raised at once."""
+        for attempt in range(2):
+            ours, theirs = socket.socketpair()
+            command = [sys.executable, "-c", f"import sys; sys.path[0] = {REPO!r}; import appworld_env; "
+                                             f"appworld_env._zygote_main({theirs.fileno()}, {self.root!r})"]
+            env = {k: os.environ[k] for k in ENV_KEEP if k in os.environ}
+            process = subprocess.Popen(command, pass_fds=[theirs.fileno()], env=env, cwd=REPO, start_new_session=True)
+            theirs.close()
+            conn = Connection(ours.detach())
             try:
-                worker["conn"].send(("close",))
-                worker["process"].join(5)
-            except (OSError, ValueError):
+                reply = _recv(conn) if conn.poll(self.start_timeout) else {
+                    "failed": f"it did not answer within {self.start_timeout:.0f} s (start_timeout)"}
+            except (EOFError, OSError) as error:
+                reply = {"failed": f"it died (exit code {process.wait()}): {error!r}"}
+            if "ready" in reply:
+                self._zygote = (process, conn)
+                return
+            process.kill()
+            process.wait()
+            conn.close()
+            if "error" in reply or attempt:
+                raise RuntimeError(f"AppWorld did not start for {self.root}: {reply.get('error') or reply['failed']}"
+                                   f"{' (tried twice)' if attempt else ''}\nCheck that `python -c 'import appworld'` "
+                                   "works and that the data there is complete.")
+
+    def _zygote_request(self, message: dict, fd: int | None = None) -> dict:
+        for attempt in range(2):
+            process, conn = self._zygote
+            try:
+                _send(conn, message)
+                if fd is not None:
+                    send_handle(conn, fd, process.pid)
+                if conn.poll(self.timeout):
+                    return _recv(conn)
+            except (EOFError, OSError):
                 pass
-        if worker["process"].is_alive():
-            worker["process"].kill()
-            worker["process"].join(5)
-        worker["conn"].close()
-        shutil.rmtree(os.path.join(self.root, "experiments", "outputs", worker["name"]), ignore_errors=True)
+            if attempt:  # the zygote died or hangs (its episodes died with it): start another
+                break
+            self._stop_zygote(polite=False)
+            self._start_zygote()
+        raise RuntimeError("AppWorld's zygote process failed twice in a row.")
 
-    def _replace_worker(self, slot: int, polite: bool = False) -> None:
-        self._stop_worker(slot, polite=polite)
-        self._workers[slot] = self._start_worker()
+    def _stop_zygote(self, polite: bool) -> None:
+        process, conn = self._zygote
+        try:
+            if polite:
+                _send(conn, {"op": "close"})  # it kills its episodes and deletes their outputs
+                process.wait(30)
+        except (OSError, subprocess.TimeoutExpired):
+            pass
+        process.kill()
+        process.wait()
+        conn.close()
+        self._zygote = None
+        outputs = os.path.join(self.root, "experiments", "outputs")
+        for name in os.listdir(outputs) if os.path.isdir(outputs) else []:  # what it left, if it could not clean up
+            if name.startswith(f"envpool-{process.pid}-"):
+                shutil.rmtree(os.path.join(outputs, name), ignore_errors=True)
 
-    def worker_pid(self, slot: int) -> int:
-        return self._workers[slot]["process"].pid
-
-    def _call(self, requests: dict, timeout: float) -> dict:
-        """Send {slot: request} to all workers at once, then gather. Returns {slot: reply dict} or,
-        for a worker that died or missed the deadline (it is replaced), {slot: ("failed", why)}."""
-        results, pending = {}, {}
-        for slot, request in requests.items():
+    def _exchange(self, conns: dict, messages: dict, timeout: float) -> dict:
+        """Send each slot's message (if any) on its socket, then gather one reply per slot until the
+        deadline. Returns {slot: reply dict, or a string saying why there is none}."""
+        replies, pending = {}, {}
+        for slot, conn in conns.items():
             try:
-                self._workers[slot]["conn"].send(request)
-                pending[self._workers[slot]["conn"]] = slot
-            except (OSError, ValueError) as error:
-                results[slot] = ("failed", f"worker died (its pipe is broken: {error!r})")
+                if slot in messages:
+                    _send(conn, messages[slot])
+                pending[conn] = slot
+            except OSError as error:
+                replies[slot] = f"its process died ({error!r})"
         deadline = time.monotonic() + timeout
         while pending:
-            ready = wait(list(pending), timeout=max(0.0, deadline - time.monotonic()))
+            ready = wait(list(pending), max(0.0, deadline - time.monotonic()))
             if not ready:
                 break
             for conn in ready:
                 slot = pending.pop(conn)
                 try:
-                    results[slot] = conn.recv()
-                except (EOFError, OSError) as error:
-                    results[slot] = ("failed", f"worker died (exit code {self._workers[slot]['process'].exitcode}): {error!r}")
+                    reply = _recv(conn, 12 * self.max_raw_chars + (1 << 16))
+                    replies[slot] = reply if isinstance(reply, dict) else "its process sent a malformed reply"
+                except (EOFError, OSError, ValueError) as error:
+                    replies[slot] = f"its process died ({error!r})"
         for slot in pending.values():
-            results[slot] = ("failed", f"worker did not answer within {timeout:.0f} s; killed and replaced")
-        for slot, result in results.items():
-            if result[0] == "failed":
-                self._replace_worker(slot)
-        return results
+            replies[slot] = f"its process did not answer within {timeout:.0f} s; it was killed"
+        return replies
+
+    def _end(self, slots: list[int], score: bool) -> dict:
+        """End the slots' episodes (their processes are killed); if `score`, score each as it stands.
+        Returns {slot: evaluation dict, or a string saying why there is none}."""
+        conns, replies = {}, {}
+        for slot in slots:
+            episode = self._episodes[slot]
+            episode.done = True
+            scoring = score and not episode.conn.poll(0)  # readable now: its process died (or says what it was not asked)
+            if score and not scoring:
+                replies[slot] = "its process died before the episode ended"
+            episode.conn.close()
+            ours, theirs = socket.socketpair() if scoring else (None, None)
+            isolation = self.isolation or ()
+            sweep = "own uid" in isolation and "read-only files" not in isolation
+            reply = self._zygote_request({"op": "end", "pid": episode.pid, "name": episode.name, "score": scoring,
+                                          "task_id": episode.task_id, "timeout": self.timeout, "sweep": sweep},
+                                         theirs and theirs.fileno())
+            if scoring:
+                theirs.close()
+                conns[slot] = Connection(ours.detach())
+                episode.pid = reply["pid"]  # the scorer's, to kill if it misses the deadline
+        replies.update(self._exchange(conns, {}, self.timeout + 5))
+        for slot, conn in conns.items():
+            conn.close()
+            if not isinstance(replies[slot], dict):
+                self._zygote_request({"op": "end", "pid": self._episodes[slot].pid, "score": False,
+                                      "name": self._episodes[slot].name})
+        return replies
+
+    def _open(self, tasks: dict) -> dict:
+        """Start a fresh episode process for each {slot: task_id}; returns {slot: its first reply or why not}."""
+        for slot, task_id in tasks.items():
+            ours, theirs = socket.socketpair()
+            self._count += 1
+            name = f"envpool-{self._zygote[0].pid}-{self._count}"
+            reply = self._zygote_request({"op": "episode", "task_id": task_id, "name": name,
+                                          "exec_timeout": self.exec_timeout, "max_raw_chars": self.max_raw_chars},
+                                         theirs.fileno())
+            theirs.close()
+            self._episodes[slot] = _Episode(task_id, {}, name, reply["pid"], Connection(ours.detach()))
+        replies = self._exchange({s: self._episodes[s].conn for s in tasks}, {}, self.timeout)
+        for slot, reply in replies.items():
+            if not isinstance(reply, dict) or "error" in reply:
+                self._end([slot], score=False)
+        return replies
+
+    def worker_pid(self, slot: int) -> int | None:
+        """The pid of the process running the slot's episode (for tests that kill it)."""
+        episode = self._episodes[slot]
+        return None if episode is None or episode.done else episode.pid
 
     def __len__(self) -> int:
-        return len(self._workers)
+        return len(self._episodes)
 
     # ---------------------------------------------------------------------------- the episodes
     def reset(self, slots: list[int], task_ids: list[str]) -> list[list[dict]]:
-        """Open a task's world in each slot; returns each slot's opening chat messages."""
+        """Start a task's episode in each slot (ending any still running there); returns each slot's
+        opening chat messages."""
         if len(slots) != len(task_ids) or len(set(slots)) != len(slots):
             raise ValueError("reset needs distinct slots and one task id per slot.")
         for slot, task_id in zip(slots, task_ids):
             self._check_slot(slot)
             _check_task_id(self.root, task_id)
-            self._episodes[slot] = None
-            if self._workers[slot]["episodes"] >= self.recycle_after or not self._workers[slot]["process"].is_alive():
-                self._replace_worker(slot, polite=True)
-        # a fresh worker first imports appworld (~2 s) and builds its first world (~3 s)
-        replies = self._call({s: ("reset", t) for s, t in zip(slots, task_ids)}, self.timeout + 30)
-        retry = {s: t for s, t in zip(slots, task_ids) if replies[s][0] == "failed"}
-        if retry:  # one more try on the replaced workers before giving up
-            replies.update(self._call({s: ("reset", t) for s, t in retry.items()}, self.timeout + 30))
+        running = [s for s in slots if self._episodes[s] is not None and not self._episodes[s].done]
+        self._end(running, score=False)
+        replies = self._open(dict(zip(slots, task_ids)))
+        failed = {s: t for s, t in zip(slots, task_ids) if not isinstance(replies[s], dict) or "error" in replies[s]}
+        if failed:  # once more, in fresh processes, before giving up
+            replies.update(self._open(failed))
         messages = []
         for slot, task_id in zip(slots, task_ids):
-            status, reply = replies[slot]
-            if status != "ok":
-                raise RuntimeError(f"Could not open task {task_id} in slot {slot}: {reply}")
-            self._workers[slot]["episodes"] += 1
-            self._episodes[slot] = _Episode(task_id, reminder(reply, self.prompt))
-            messages.append(opening_messages(reply, self.prompt))
+            reply = replies[slot]
+            if not isinstance(reply, dict) or "error" in reply:
+                raise RuntimeError(f"Could not open task {task_id} in slot {slot}: "
+                                   f"{reply['error'] if isinstance(reply, dict) else reply}")
+            if self.isolation is None:
+                self.isolation = reply["isolation"]
+                missing = sorted(set(ISOLATION) - set(self.isolation))
+                if missing:
+                    print(f"EnvPool: agent code runs without: {', '.join(missing)} (this platform does not "
+                          "allow them; see the README's Isolation section)", file=sys.stderr)
+            episode = self._episodes[slot]
+            episode.info = {k: reply[k] for k in ("instruction", "datetime", "supervisor")}
+            messages.append(opening_messages(episode.info, self.prompt))
         return messages
 
     def step(self, slots: list[int], texts: list[str]) -> list[StepResult]:
-        """Run each slot's agent message in its world; all slots in parallel."""
+        """Run each slot's agent message in its world; all slots in parallel. An episode ends when
+        the agent calls complete_task or at the interaction limit, and is then scored."""
         if len(slots) != len(texts) or len(set(slots)) != len(slots):
             raise ValueError("step needs distinct slots and one message per slot.")
-        requests, results = {}, {}
+        requests, replies = {}, {}
         for slot, text in zip(slots, texts):
-            self._check_slot(slot)
-            episode = self._episodes[slot]
-            if episode is None or episode.done:
-                raise ValueError(f"Slot {slot} has no running episode: call reset first.")
-            episode.interactions += 1
-            last = episode.interactions >= self.max_interactions
+            self._running(slot).interactions += 1
             code = extract_code(text)
-            if code is not None:
-                requests[slot] = ("step", code, last)
-            elif last:
-                requests[slot] = ("evaluate",)
+            if code is None:
+                replies[slot] = {"output": "No ```python block found in your message: write your code in one.",
+                                 "hidden": 0, "completed": False}
             else:
-                results[slot] = StepResult(self._observation(
-                    "No ```python block found in your message: write your code in one.", episode), done=False)
-        for slot, (status, reply) in self._call(requests, self.timeout).items():
-            episode = self._episodes[slot]
-            if status != "ok":
-                episode.done = True
-                why = reply if status == "failed" else f"worker error: {reply}"
-                results[slot] = StepResult(f"The environment failed: {why}", done=True, reward=0.0,
-                                           info={"env_failed": True, "error": why})
+                requests[slot] = {"code": code}
+        replies.update(self._exchange({s: self._episodes[s].conn for s in requests}, requests, self.timeout))
+        results, failed = {}, []
+        for slot in slots:
+            episode, reply = self._episodes[slot], replies[slot]
+            try:
+                output, hidden, completed = str(reply["output"]), int(reply["hidden"]), reply["completed"] is True
+            except (KeyError, TypeError, ValueError):
+                why = reply if isinstance(reply, str) else "its process sent a malformed reply"
+                results[slot] = StepResult(f"The environment failed: {why}", done=True, info={"env_failed": True, "error": why})
+                failed.append(slot)
                 continue
-            output = reply.get("output", "No ```python block found in your message.")
-            done = "evaluation" in reply
-            if done and not reply.get("completed"):
+            episode.completed = completed
+            done = completed or episode.interactions >= self.max_interactions
+            if done and not completed:
                 output += f"\n[Interaction limit ({self.max_interactions}) reached: the task is scored as it stands.]"
-            result = StepResult(self._observation(output, episode), done=done)
-            if result.done:
-                episode.done = True
-                self._score(result, reply["evaluation"], reply.get("completed", False))
-            results[slot] = result
+            results[slot] = StepResult(self._observation(output, episode, hidden), done=done)
+        self._end(failed, score=False)
+        self._score({s: r for s, r in results.items() if r.done and s not in failed})
         return [results[slot] for slot in slots]
 
     def score(self, slots: list[int]) -> list[StepResult]:
-        """End each slot's running episode and score it as it stands, by the task's unit tests (e.g.
-        an episode cut by the policy's context limit: the official code pays it its partial credit)."""
+        """End each slot's running episode and score its world as it stands (e.g. when the agent's
+        context is full)."""
         if len(set(slots)) != len(slots):
             raise ValueError("score needs distinct slots.")
-        for slot in slots:
-            self._check_slot(slot)
-            if self._episodes[slot] is None or self._episodes[slot].done:
-                raise ValueError(f"Slot {slot} has no running episode to score.")
-            self._episodes[slot].done = True
-        results = {}
-        for slot, (status, reply) in self._call({s: ("evaluate",) for s in slots}, self.timeout).items():
-            if status == "ok":
-                results[slot] = StepResult("", done=True)
-                self._score(results[slot], reply["evaluation"], completed=False)
-            else:
-                why = reply if status == "failed" else f"worker error: {reply}"
-                results[slot] = StepResult(f"The environment failed: {why}", done=True,
-                                           info={"env_failed": True, "error": why})
+        results = {slot: StepResult("", done=True) for slot in slots if self._running(slot)}
+        self._score(results)
         return [results[slot] for slot in slots]
 
-    def _check_slot(self, slot: int) -> None:
-        if not 0 <= slot < len(self._workers):
-            raise ValueError(f"No slot {slot}: this pool has slots 0..{len(self._workers) - 1}.")
+    def _score(self, results: dict) -> None:
+        """End the episodes of {slot: StepResult} and fill in their rewards from AppWorld's tests."""
+        for slot, evaluation in self._end(list(results), score=True).items():
+            result = results[slot]
+            result.info["completed"] = self._episodes[slot].completed
+            if isinstance(evaluation, str):  # the scorer died or hung: not the agent's doing
+                result.info.update(env_failed=True, error=f"scoring failed: {evaluation}")
+            elif "error" in evaluation:  # the agent's outputs could not be scored: they score 0
+                result.info.update(error=f"the episode's outputs could not be scored: {evaluation['error']}")
+            else:
+                result.success, result.pass_count = evaluation["success"], evaluation["pass_count"]
+                result.num_tests = evaluation["num_tests"]
+                if self.reward == "binary":
+                    result.reward = float(result.success)
+                elif self.reward == "fraction":
+                    result.reward = result.pass_count / max(1, result.num_tests)
+                else:  # progress: only the tests a no-op episode fails count
+                    passed = evaluation["passed_labels"].count("no_op_fail")
+                    total = passed + evaluation["failed_labels"].count("no_op_fail")
+                    result.reward = passed / total if total else float(result.success)
+                result.info["failures"] = evaluation["failures"]
 
-    def _observation(self, output: str, episode: _Episode) -> str:
+    def _running(self, slot: int) -> _Episode:
+        self._check_slot(slot)
+        episode = self._episodes[slot]
+        if episode is None or episode.done:
+            raise ValueError(f"Slot {slot} has no running episode: call reset first.")
+        return episode
+
+    def _check_slot(self, slot: int) -> None:
+        if not 0 <= slot < len(self._episodes):
+            raise ValueError(f"No slot {slot}: this pool has slots 0..{len(self._episodes) - 1}.")
+
+    def _observation(self, output: str, episode: _Episode, hidden: int = 0) -> str:
+        """The output cut at max_obs_tokens (`hidden` characters were cut already), a note saying how
+        much was cut, and the task reminder."""
+        shown = output
         if self.tokenizer is not None:
             ids = self.tokenizer.encode(output, add_special_tokens=False)
             if len(ids) > self.max_obs_tokens:
-                output = (self.tokenizer.decode(ids[: self.max_obs_tokens]) +
-                          f"\n[... output truncated: {len(ids) - self.max_obs_tokens} more tokens not shown]")
-        else:  # about 4 characters per token
-            output = cap_chars(output, 4 * self.max_obs_tokens)
-        return f"{output.rstrip()}\n\n{episode.reminder}"
-
-    def _score(self, result: StepResult, evaluation: dict, completed: bool) -> None:
-        result.success, result.pass_count = evaluation["success"], evaluation["pass_count"]
-        result.num_tests = evaluation["num_tests"]
-        if self.reward == "binary":
-            result.reward = float(result.success)
-        elif self.reward == "fraction":
-            result.reward = result.pass_count / max(1, result.num_tests)
-        else:  # progress: only the tests a no-op episode fails count
-            passed = evaluation["passed_labels"].count("no_op_fail")
-            total = passed + evaluation["failed_labels"].count("no_op_fail")
-            result.reward = passed / total if total else float(result.success)
-        result.info.update(completed=completed, failures=evaluation["failures"])
+                shown = self.tokenizer.decode(ids[: self.max_obs_tokens])
+        elif len(output) > 4 * self.max_obs_tokens:  # about 4 characters per token
+            shown = output[: 4 * self.max_obs_tokens]
+        if hidden or shown is not output:
+            shown += f"\n[... output truncated: {len(output) + hidden - len(shown)} more characters not shown]"
+        return f"{shown.rstrip()}\n\n{reminder(episode.info, self.prompt)}"
 
     def close(self) -> None:
-        for slot in range(len(self._workers)):
-            self._stop_worker(slot)
+        for episode in self._episodes:
+            if episode is not None:
+                episode.conn.close()
+        if self._zygote is not None:
+            self._stop_zygote(polite=True)
 
     def __enter__(self):
         return self
 
     def __exit__(self, *exc):
         self.close()
+
 
 
 # ============================================================================ the mini-world build

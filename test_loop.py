@@ -246,9 +246,14 @@ def world_root():
 
 @pytest.fixture(scope="module")
 def pool(world_root):
-    # short limits so the hang tests are quick; enough interactions for the longest script
-    with env.EnvPool(2, world_root, max_interactions=20, exec_timeout=2, timeout=6) as p:
-        yield p
+    # short limits so the hang tests are quick; enough interactions for the longest script. The
+    # marker is a variable of this process that the agent's processes must not see.
+    os.environ["LOOP_TEST_MARKER"] = f"marker-{os.getpid()}-{time.time()}"
+    try:
+        with env.EnvPool(2, world_root, max_interactions=20, exec_timeout=2, timeout=6) as p:
+            yield p
+    finally:
+        del os.environ["LOOP_TEST_MARKER"]
 
 
 def _play(pool, task_ids, scripts):
@@ -443,7 +448,7 @@ def test_env_observation_is_cut_at_max_obs_tokens_with_a_tokenizer(pool):
         observation = pool.step([0], ["```python\nprint('y' * 5000)\n```"])[0].observation
     finally:
         pool.tokenizer, pool.max_obs_tokens = None, 3000
-    assert observation.startswith("y" * 50 + "\n[... output truncated: 4951 more tokens")  # 5000 + "\n"
+    assert observation.startswith("y" * 50 + "\n[... output truncated: 4951 more characters")  # 5000 + "\n"
 
 
 def test_env_complete_task_twice_keeps_the_last_answer_and_ends_the_episode(pool, world_root):
@@ -501,6 +506,37 @@ def test_env_a_worker_killed_mid_episode_is_replaced(pool):
     assert _play(pool, ["notecount_1"], [env.solution("notecount_1")])[0].reward == 1.0
 
 
+def test_env_a_killed_zygote_fails_its_running_episodes_and_is_replaced(pool):
+    pool.reset([0], ["birthday_1"])
+    episode = pool.worker_pid(0)
+    os.kill(pool._zygote[0].pid, signal.SIGKILL)  # the pool's one AppWorld process, which forks the episodes
+    for _ in range(100):  # its episodes die with it, a moment later
+        try:
+            with open(f"/proc/{episode}/stat") as file:
+                if file.read().split()[2] == "Z":
+                    break
+        except FileNotFoundError:
+            break
+        time.sleep(0.05)
+    time.sleep(0.2)
+    dead = pool.step([0], ["```python\nprint(1)\n```"])[0]
+    assert dead.done and dead.info["env_failed"] and "died" in dead.info["error"]
+    assert _play(pool, ["birthday_2"], [env.solution("birthday_2")])[0].reward == 1.0
+
+
+def test_env_score_ends_an_episode_and_scores_it_as_it_stands(pool):
+    """For an episode cut short by the agent's context: its world is scored as the agent left it."""
+    login, like = env.solution("likesong_1")
+    pool.reset([0, 1], ["likesong_1", "likesong_1"])
+    pool.step([0, 1], [login, login])
+    pool.step([0], [like.replace("apis.supervisor.complete_task()", "")])
+    liked, untouched = pool.score([0, 1])
+    assert (liked.done, liked.reward, liked.success, liked.info["completed"]) == (True, 1.0, True, False)
+    assert untouched.done and untouched.reward == 2 / 3 and untouched.num_tests == 3
+    with pytest.raises(ValueError, match="no running episode"):
+        pool.score([0])
+
+
 def test_env_a_hang_that_the_alarm_cannot_stop_is_killed_after_the_deadline(pool):
     pool.reset([0], ["birthday_1"])
     pid, start = pool.worker_pid(0), time.time()
@@ -511,16 +547,161 @@ def test_env_a_hang_that_the_alarm_cannot_stop_is_killed_after_the_deadline(pool
     assert _play(pool, ["birthday_2"], [env.solution("birthday_2")])[0].reward == 1.0
 
 
-def test_env_workers_are_recycled_after_some_episodes(pool):
+def test_env_every_episode_gets_a_fresh_process_and_nothing_carries_over(pool):
+    """What an episode's code leaves in its process (here a patched builtin) is gone in the next."""
     pool.reset([1], ["birthday_1"])
     pid = pool.worker_pid(1)
-    quota, pool.recycle_after = pool.recycle_after, 1  # slot 1 has served its episode: a fresh worker
-    try:                                                 # takes the next one
-        pool.reset([1], ["birthday_2"])
-    finally:
-        pool.recycle_after = quota
+    _run(pool, "builtins.print = lambda *a, **k: None", slot=1)
+    pool.reset([1], ["birthday_2"])
     assert pool.worker_pid(1) != pid
+    assert _run(pool, "print('printing works')", slot=1).startswith("printing works")
     assert pool.step([1], env.solution("birthday_2"))[0].reward == 1.0
+
+
+# The hostile agent: code that gets past the syntactic guard (`imp` is __import__, found without
+# writing its name; "ground" "_truth" is one string to Python but not to a text check).
+IMPORT = "imp = getattr(builtins, '_' * 2 + 'import' + '_' * 2)\n"
+OPEN = "op = getattr(builtins, 'op' + 'en')\n"
+
+
+def _skip_unless(pool, *any_of):
+    """Skip on a platform that gives the pool none of these (see EnvPool.isolation and the README)."""
+    if pool.isolation is None:  # known from the first episode on
+        pool.reset([0], ["birthday_1"])
+    if not set(any_of) & set(pool.isolation):
+        pytest.skip(f"agent code runs without {' or '.join(any_of)} here: {pool.isolation}")
+
+
+def _run(pool, code, slot=0):
+    """Run one cell in the slot's running episode; returns the observation (the episode goes on)."""
+    result = pool.step([slot], [f"```python\n{code}\n```"])[0]
+    assert not result.done, result
+    return result.observation
+
+
+def test_env_patching_the_evaluator_gives_a_wrong_answer_no_reward_then_or_later(pool):
+    patch = IMPORT + ("evaluator = imp('appworld.evaluator', fromlist=['x'])\n"
+                      "for name in ('success', 'pass_count', 'num_tests'):\n"
+                      "    setattr(evaluator.TestTracker, name, property(lambda self: 1))\n"
+                      "print(evaluator.TestTracker.success)")
+    wrong = '```python\napis.supervisor.complete_task(answer="1900-01-01")\n```'
+    pool.reset([0], ["birthday_1"])
+    assert "property" in _run(pool, patch)  # the patch took, in the agent's process
+    patched = pool.step([0], [wrong])[0]
+    later = _play(pool, ["birthday_1"], [[wrong]])[0]
+    for result in (patched, later):
+        assert result.done and not result.success and result.reward == 0.5, result  # 1 of 2 tests: the no-op one
+
+
+def test_env_ground_truth_is_out_of_reach_of_agent_code(pool, world_root):
+    """The bypasses of the guard a hostile probe found, plus reading the world object in memory."""
+    _skip_unless(pool, "own uid", "hidden ground truth")
+    truth = os.path.join(world_root, "data", "tasks", "birthday_1", "ground_truth").replace("ground_truth", 'ground" "_truth')
+    answer = _answer(world_root, "birthday_1")
+    attempts = [
+        f'b = builtins\nprint(getattr(b, "op" "en")("{truth}/answer.json").read())',
+        OPEN + f'print(op("{truth}/answer.json").read())',
+        f'o = __builtins__["open"] if isinstance(__builtins__, dict) else getattr(__builtins__, "open")\nprint(o("{truth}/answer.json").read())',
+        f'import random\nprint([e.name for e in random._os.scandir("{truth}")])',
+        f'import random\nprint([e.name for e in random._os.scandir("{world_root}/data/tasks")])',
+        f'import random\nprint(random._os.stat("{truth}/evaluation.py"))',
+        IMPORT + f'posix = imp("posix")\nprint(posix.read(posix.open("{truth}/answer.json", 0), 100))',
+        OPEN + f'print(op("/proc/{os.getpid()}/root{truth}/answer.json").read())',  # through the trainer's view
+        IMPORT + "gc = imp('gc')\nprint([getattr(o.task, 'ground' '_truth') for o in gc.get_objects() "
+                 "if str(type(o)).endswith(\".AppWorld'>\")])",
+    ]
+    pool.reset([0], ["birthday_1"])
+    for code in attempts:
+        seen = _run(pool, code)
+        assert answer not in seen and "private_data" not in seen and "test_data" not in seen, (code, seen)
+        assert seen.startswith(("Execution failed", "[]", '["birthday_1"]', "[null]")), (code, seen)
+    assert seen.startswith("[null]")  # the world object was found, and holds no ground truth
+
+
+def test_env_agent_process_holds_none_of_the_trainer_environment(pool):
+    """The pool fixture set a marker variable in this process before starting the pool."""
+    marker = os.environ["LOOP_TEST_MARKER"]
+    attempts = ["import random\nprint(dict(random._os.environ))",  # os, reached from an allowed module
+                "d = lambda name: '_' * 2 + name + '_' * 2\n"  # apis -> its module's globals -> os
+                "print(getattr(getattr(getattr(apis, d('class')), d('init')), d('globals'))['os'].environ)",
+                OPEN + "print(op('/proc/self/environ').read())",
+                OPEN + f"print(op('/proc/{os.getpid()}/environ').read())",
+                OPEN + "print(op('/proc/1/environ').read())"]
+    if not {"own uid", "own /proc"} & set(pool.isolation):
+        attempts.pop(3)  # the trainer's /proc/<pid>/environ: readable by a process of its own uid that sees it
+    pool.reset([0], ["birthday_1"])
+    seen = [_run(pool, code) for code in attempts]
+    assert "APPWORLD_ROOT" in seen[0] and "APPWORLD_ROOT" in seen[1]  # the reads worked
+    assert not any(marker in s for s in seen), seen
+
+
+def test_env_agent_code_cannot_write_outside_its_output_nor_signal_the_trainer(pool, world_root):
+    _skip_unless(pool, "own uid", "read-only files")
+    evaluation = os.path.join(world_root, "data", "tasks", "birthday_1", "ground_truth", "evaluation.py")
+    stray = [os.path.join(world_root, "data", "stray.txt"), os.path.join(env.REPO, "stray.txt")]
+    if "read-only files" in pool.isolation:  # without namespaces, /tmp is writable by anyone
+        stray.append(f"/tmp/loop-stray-{os.getpid()}.txt")
+    create = IMPORT + "posix = imp('posix')\nposix.close(posix.open({!r}, posix.O_WRONLY | posix.O_CREAT))\nprint('created')"
+    append = IMPORT + "posix = imp('posix')\nposix.close(posix.open({!r}, posix.O_WRONLY | posix.O_APPEND))\nprint('opened')"
+    received = []
+    previous = signal.signal(signal.SIGUSR1, lambda *_: received.append(1))
+    try:
+        pool.reset([0], ["birthday_1"])
+        assert "opened" not in _run(pool, append.format(evaluation).replace("ground_truth", 'ground" "_truth'))
+        for path in stray:
+            assert "created" not in _run(pool, create.format(path))
+        assert "created" in _run(pool, create.format("inside-its-output.txt"))  # its own folder is writable
+        _run(pool, IMPORT + f"imp('posix').kill({os.getpid()}, {int(signal.SIGUSR1)})")
+        time.sleep(0.2)
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+        for path in stray:
+            if os.path.exists(path):
+                os.remove(path)
+    assert not received
+
+
+def test_env_any_exception_or_malformed_code_is_an_observation_and_the_episode_goes_on(pool):
+    """AppWorld catches Exception only; ast.parse raises MemoryError/RecursionError on deep nesting;
+    a lone surrogate cannot be encoded; AppWorld's safety parse takes ~40 s per MB of code."""
+    real_exit = "se = [c for c in getattr(BaseException, '_' * 2 + 'subclasses' + '_' * 2)() if 'SystemExit' in str(c)][0]\n"
+    cases = [("raise KeyboardInterrupt", "KeyboardInterrupt"),
+             (real_exit + "raise se(3)", "SystemExit: 3"),
+             ("raise GeneratorExit", "GeneratorExit"),
+             ("x = " + "-" * 5000 + "1", "nested too deeply"),
+             ("x = " + "[" * 150 + "]" * 150, "RecursionError"),  # parses, but deeper than AppWorld's checks go
+             ("x = '\ud800'", "lone surrogate"),
+             ("print('a\\ud800b')", "a?b"),  # printed, not in the code
+             ("x = 1\n" * 170_000, "the limit is"),
+             ("x = bytearray(8 << 30)", "MemoryError")]  # over the address-space limit
+    pool.reset([0], ["birthday_1"])
+    for code, expected in cases:
+        start = time.time()
+        seen = _run(pool, code)
+        assert expected in seen and time.time() - start < 5, (code[:40], seen[:300])
+    assert pool.step([0], env.solution("birthday_1"))[0].reward == 1.0
+
+
+def test_env_truncation_note_counts_every_character_cut(pool):
+    pool.reset([0], ["birthday_1"])
+    seen = _run(pool, "print('x' * 10_000_000)")  # the episode cuts it to 24,000 characters, the pool to 12,000
+    assert seen.startswith("x" * 12_000 + "\n[... output truncated: 9988001 more characters not shown]")
+
+
+def test_env_start_up_survives_a_cpu_hog_and_a_broken_environment_says_so(world_root, tmp_path):
+    """A pool starts one process that imports AppWorld, with a deadline of its own (start_timeout),
+    not the per-request one; here 4 busy processes share the 2 cores with it."""
+    hog = "import time\nend = time.time() + 60\nwhile time.time() < end:\n    pass"
+    hogs = [subprocess.Popen([sys.executable, "-c", hog]) for _ in range(4)]
+    try:
+        with env.EnvPool(3, world_root, timeout=4, exec_timeout=2) as pool:
+            assert [r.reward for r in _play(pool, ["birthday_1"] * 3, [env.solution("birthday_1")] * 3)] == [1.0] * 3
+    finally:
+        for process in hogs:
+            process.kill()
+    (tmp_path / "data" / "tasks" / "broken_1").mkdir(parents=True)  # no specs, no databases
+    with pytest.raises(RuntimeError, match="AppWorld did not start.*broken_1/specs.json"):
+        env.EnvPool(1, str(tmp_path))
 
 
 # ===================================================================== model.py and rollout.py

@@ -62,7 +62,7 @@ class Args:
     max_interactions: int = 40
     """turns per training episode"""
     env_workers: int = 32
-    """AppWorld worker processes per rank: the number of episodes sampled at once"""
+    """AppWorld episode slots per rank (each live episode in a process of its own): the number of episodes sampled at once"""
     sample_gathered: bool = True
     """under FSDP, hold the full weights on every rank while sampling (one all-gather per phase; needs a
     whole copy per GPU, 64 GB for Qwen2.5-32B in bf16). Turned off, every decoding step all-gathers
