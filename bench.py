@@ -31,14 +31,13 @@ The figures (goal in brackets):
     1 rank, after one step. [<= 0.55]
  6. Where one offline-default iteration's time goes (SmolLM2 on the mini-world, small settings):
     sampling vs environment (EnvPool.reset/step, wrapped) vs old log-probs vs the PPO update.
- 7. bfloat16 autocast (train.py's --bf16-autocast, on by default where model.fast_bf16 says so):
-    time of one LOOP update (the figure 1 batch) with the trunk under bf16 autocast / in float32,
+ 7. bfloat16 learning (train.py's --dtype auto where model.fast_bf16 says so): time of one LOOP
+    update (the figure 1 batch) with float32 LoRA weights on a bfloat16 base / everything in float32,
     each the second of two updates in its process (the first pays for building the kernels).
-    [< 1.00 for SmolLM2 where fast_bf16; none for the tiny model, whose cost is its float32 LM head]
- 8. bfloat16 sampling (train.py's --bf16-sampling, on by default offline where model.fast_bf16 says
-    so): new tokens/s of rollout.collect (24 episodes, the figure 3 setting) from model.sampling_copy
-    in bfloat16, the copy's making included / from the float32 LoRA model itself; each the second of
-    two collects in its process. [> 1.00 for SmolLM2 where fast_bf16; none for the tiny model]
+    [< 1.00 for SmolLM2 where fast_bf16; none for the tiny model]
+ 8. bfloat16 sampling (the same setting): new tokens/s of rollout.collect (24 episodes, the figure 3
+    setting) from the same model, float32 LoRA on a bfloat16 base / everything in float32; each the
+    second of two collects in its process. [> 1.00 for SmolLM2 where fast_bf16; none for the tiny model]
  9. Micro-batches by length (train.by_length): time of one LOOP update of 12 episodes of unequal
     lengths (the figure 7 layout, each cut to 208-512 tokens), micro-batches of 6 cut from the rows
     sorted by length / in the minibatch's drawn order. The gradient is the same; less padding is
@@ -202,11 +201,11 @@ def in_fresh_process(name, threads, env=None, **kwargs):
 # ------------------------------------------------------------------------------ shared set-up
 
 
-def load_model(name, lora=True, checkpointing=True):
+def load_model(name, lora=True, checkpointing=True, bf16=False):
     """'tiny' (hidden 64, 2 layers, SmolLM2's 49k vocabulary) or 'smol' (SmolLM2-135M-Instruct),
-    float32 on CPU, in the training setting of train.py."""
+    float32 on CPU (bf16: a bfloat16 base; LoRA stays float32), in the training setting of train.py."""
     torch.manual_seed(0)
-    model, tokenizer = M.load(tiny=name == "tiny", device=DEVICE)
+    model, tokenizer = M.load(tiny=name == "tiny", device=DEVICE, dtype=torch.bfloat16 if bf16 else None)
     if lora:
         M.add_lora(model)
     if checkpointing:
@@ -283,9 +282,9 @@ def matmul_flops(n=2048, min_seconds=1.0):
 def update_setup(model_name, n, micro, bf16=False):
     """What one LOOP update needs: the model, n synthetic episodes, their advantages, train.Args for
     1 epoch of one minibatch of n in micro-batches of `micro`, and AdamW over the trainable weights."""
-    model, tokenizer = load_model(model_name)
+    model, tokenizer = load_model(model_name, bf16=bf16)
     episodes = synthetic_episodes(tokenizer, n)
-    args = train.Args(epochs=1, minibatch=n, micro_batch=micro, lr=1e-4, bf16_autocast=bf16)
+    args = train.Args(epochs=1, minibatch=n, micro_batch=micro, lr=1e-4)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
     return model, episodes, advantages(episodes), args, opt
@@ -571,8 +570,8 @@ def iteration_child(model_name, flags, warm_slots=True):
 
 
 def update_time_child(model_name, n, micro, bf16, ragged=False, sort=True):
-    """Seconds of the second of two LOOP updates (1 epoch, one minibatch of n) with the trunk under
-    bfloat16 autocast or not; the first builds the kernels (oneDNN's bf16 ones take seconds).
+    """Seconds of the second of two LOOP updates (1 epoch, one minibatch of n) on a bfloat16 base or
+    in float32; the first builds the kernels (oneDNN's bf16 ones take seconds).
     ragged: each episode cut to a length drawn uniformly from PROMPT+16..SEQ, as real episodes
     differ (figure 9); sort=False: micro-batches cut from the minibatch in its drawn order."""
     model, episodes, adv, args, opt = update_setup(model_name, n, micro, bf16)
@@ -600,16 +599,15 @@ def update_time_child(model_name, n, micro, bf16, ragged=False, sort=True):
 
 
 def bf16_sampling_child(model_name, count, k, max_new_tokens, turns, bf16):
-    """New tokens/s of the second of two rollout.collect calls (the first builds the kernels), each
-    from a fresh model.sampling_copy in bfloat16 (its making timed too) or from the float32 model."""
-    model, tokenizer = load_model(model_name, lora=True, checkpointing=False)
+    """New tokens/s of the second of two rollout.collect calls (the first builds the kernels), from
+    the LoRA model on a bfloat16 base or in float32."""
+    model, tokenizer = load_model(model_name, lora=True, checkpointing=False, bf16=bf16)
     model.eval()
     tasks = [f"task_{i}" for i in range(count // k)]
     for _ in range(2):
         torch.manual_seed(0)
         t0 = time.perf_counter()
-        sampler = M.sampling_copy(model, torch.bfloat16) if bf16 else model
-        episodes = rollout.collect(sampler, tokenizer, InstantEnv(count, turns), tasks, k,
+        episodes = rollout.collect(model, tokenizer, InstantEnv(count, turns), tasks, k,
                                    max_new_tokens=max_new_tokens, progress=False)
         if CUDA:
             torch.cuda.synchronize()
@@ -733,10 +731,9 @@ def figure7(models, threads, rows, results):
         bf16 = in_fresh_process("update_time_child", threads, model_name=name, n=n, micro=micro, bf16=True)
         fp32 = in_fresh_process("update_time_child", threads, model_name=name, n=n, micro=micro, bf16=False)
         results[f"fig7_{name}"] = dict(bf16=bf16, float32=fp32)
-        # The tiny model's cost is its float32 LM head (49k x 64), which autocast leaves alone: no goal there.
         fast = M.fast_bf16(DEVICE)
         goal = fast and name != "tiny"
-        rows.append(_row("7 bf16", name, f"LOOP update time, bf16 autocast / float32 ({n}x{SEQ} tok; fast_bf16={fast})",
+        rows.append(_row("7 bf16", name, f"LOOP update time, bf16 base / float32 ({n}x{SEQ} tok; fast_bf16={fast})",
                          bf16, fp32, "seconds", "< 1.00" if goal else "", (lambda r: r < 1.0) if goal else None, unit="s"))
 
 
@@ -748,7 +745,7 @@ def figure8(models, settings, threads, rows, results):
         results[f"fig8_{name}"] = dict(bf16=bf16, float32=fp32, settings=s)
         fast = M.fast_bf16(DEVICE)
         goal = fast and name != "tiny"
-        rows.append(_row("8 bf16 sampling", name, f"collect tok/s, bf16 copy / float32 weights (24 episodes; fast_bf16={fast})",
+        rows.append(_row("8 bf16 sampling", name, f"collect tok/s, bf16 base / float32 (24 episodes; fast_bf16={fast})",
                          bf16, fp32, "tokens_per_s", "> 1.00" if goal else "", (lambda r: r > 1.0) if goal else None,
                          unit="tok/s"))
 

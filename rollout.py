@@ -3,9 +3,9 @@
     episodes = collect(model, tokenizer, envs, task_ids, k=6)    # task-major: task 0 x k, task 1 x k, ...
     batch = collate(episodes, tokenizer.pad_token_id)            # padded tensors, aligned with token_logprobs
 
-Token-in / token-out (DESIGN.md 3.1): an episode's `token_ids` are built incrementally and are never
+Token-in / token-out: an episode's `token_ids` are built incrementally and are never
 re-tokenised. The chat template renders the opening messages once (with the assistant header); each
-turn appends exactly the ids the model sampled, up to and including its end-of-turn token (these and
+turn appends exactly the ids the model sampled, up to and including the id that ended it (these and
 only these are agent tokens); each observation appends the template's tokens for a user message and
 the next assistant header. The text the environment sees is decoded from the sampled ids; the
 training sequence is the ids themselves.
@@ -15,8 +15,11 @@ Choices worth knowing:
   HF `generate`: it gives each sampled token's log-prob at the sampling temperature without keeping
   (steps, B, V) logits around, lets every episode have its own token budget, and makes the
   cross-rank synchronisation explicit (see `sample`).
-- A turn cut by `max_new_tokens` gets the end-of-turn token appended as a NON-agent token (the model
-  did not sample it) and the truncated text still goes to the environment.
+- A turn ends at any of `stop_ids`: the end-of-turn ids the model declares and the chat template's
+  turn-start marker (a model opening a turn of its own, e.g. inventing the user's reply, is stopped
+  there, so that text never reaches the environment). A turn that ended otherwise (another stop id,
+  or `max_new_tokens`) gets the template's end-of-turn token appended as a NON-agent token (the
+  model did not sample it); a turn cut by `max_new_tokens` still goes to the environment.
 - Context limit: an episode ends with "context_limit" when its next observation plus at least one
   new token would not fit `max_seq_len`, or when a turn is cut by that budget (rather than by
   `max_new_tokens`). The cut turn stays in the sequence (its tokens were sampled) but the
@@ -26,8 +29,7 @@ Choices worth knowing:
 - Greedy decoding records log-probs at temperature 1. Sampling draws from torch's global RNG:
   seed each rank differently.
 - Under FSDP the sampling phase gathers the weights once (`model.gathered`), instead of one
-  all-gather per layer per decode step (2.8x faster for SmolLM2 on 2 CPU ranks).
-
+  all-gather per layer per decode step.
 - Each live episode keeps its key/value states between turns (`reuse_cache`), so a turn prefills
   only what was appended since the last one instead of the whole conversation.
 
@@ -38,10 +40,9 @@ from collections import deque
 from dataclasses import dataclass, field
 
 import torch
-import torch.distributed as dist
 from tqdm import tqdm
 
-from model import gathered
+from model import any_rank, distributed, gathered, is_rank0, max_over_ranks
 
 END_REASONS = ("completed", "turn_limit", "context_limit", "env_failed")
 
@@ -141,25 +142,18 @@ def observation_ids(tokenizer, text):
     return ids[1:]
 
 
+def stop_ids(tokenizer, model) -> set[int]:
+    """The ids that end an agent turn: every end-of-turn id the model declares (its generation
+    config's eos_token_id, an int or a list), the tokenizer's, and the chat template's turn-start
+    marker (the first special token of the template's text between two turns, e.g. <|im_start|>)."""
+    declared = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids = {tokenizer.eos_token_id, *(declared if isinstance(declared, (list, tuple)) else [declared])}
+    special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+    ids |= {next((i for i in observation_ids(tokenizer, "x") if i in special), None)}
+    return ids - {None}
+
+
 # ----------------------------------------------------------------------------------- sampling
-
-
-def _distributed():
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def _anyone(flag: bool) -> bool:
-    """True if `flag` holds on any rank (an all-reduce: every rank must call it in the same order)."""
-    t = torch.tensor([1.0 if flag else 0.0])
-    dist.all_reduce(t)
-    return t.item() > 0
-
-
-def _most(n: int) -> int:
-    """The largest `n` over ranks (an all-reduce: every rank must call it in the same order)."""
-    t = torch.tensor([n], dtype=torch.int64)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return int(t.item())
 
 
 def _batch_cache(model, states, width):
@@ -180,8 +174,8 @@ def _batch_cache(model, states, width):
 
 
 @torch.no_grad()
-def sample(model, prompts, budgets, *, eos_id, pad_id, temperature=1.0, greedy=False, caches=None):
-    """Continue every prompt by at most its budget of tokens; a row stops at its end-of-turn token.
+def sample(model, prompts, budgets, *, stop, pad_id, temperature=1.0, greedy=False, caches=None):
+    """Continue every prompt by at most its budget of tokens; a row stops at any id in `stop`.
     Returns, per row, the sampled ids, their log-probs under the sampling distribution (temperature
     T; T = 1 for greedy), and the row's key/value states for its prompt and sampled ids but the last
     (which was never fed).
@@ -207,14 +201,14 @@ def sample(model, prompts, budgets, *, eos_id, pad_id, temperature=1.0, greedy=F
     cached = [0 if c is None else c[0][0].shape[1] for c in caches]  # prefix length per row
     if any(n >= len(p) for n, p in zip(cached, prompts)):
         raise ValueError("sample: each cache must leave at least one prompt token to feed")
-    synced = _distributed()
+    synced = distributed()
 
     # ---- prefill: one pass per distinct row
     passes = {}  # key -> the rows it serves
     for i, (p, n) in enumerate(zip(prompts, cached)):
         passes.setdefault(("shared", tuple(p)) if n == 0 else ("row", i), []).append(i)
     states, last_logits = [None] * B, [None] * B
-    n_passes = _most(len(passes)) if synced else len(passes)
+    n_passes = max_over_ranks(len(passes))
     for rows in list(passes.values()) + [None] * (n_passes - len(passes)):
         if rows is None:  # this rank has fewer passes than another: take part in its collectives
             model(input_ids=torch.full((1, 1), pad_id, device=device), use_cache=True, logits_to_keep=1)
@@ -252,9 +246,8 @@ def sample(model, prompts, budgets, *, eos_id, pad_id, temperature=1.0, greedy=F
             if not done[i]:
                 out_ids[i].append(t)
                 out_logprobs[i].append(lp)
-                done[i] = t == eos_id or len(out_ids[i]) >= budgets[i]
-        running = not all(done)
-        if not (_anyone(running) if synced else running):
+                done[i] = t in stop or len(out_ids[i]) >= budgets[i]
+        if not (any_rank(not all(done)) if synced else not all(done)):
             break
         fed = torch.tensor([not d for d in done], device=device)  # (B,): rows still generating
         step_ids = torch.where(fed, next_ids, pad_id)[:, None]  # (B, 1)
@@ -296,14 +289,13 @@ def collect(model, tokenizer, envs, task_ids, k, *, temperature=1.0, greedy=Fals
     """
     if k < 1 or len(envs) < 1:
         raise ValueError(f"collect: need k >= 1 and at least one env slot (k={k}, slots={len(envs)})")
-    eos_id, pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
+    eos_id, pad_id, stop = tokenizer.eos_token_id, tokenizer.pad_token_id, stop_ids(tokenizer, model)
     episodes = [Episode(task_id=t) for t in task_ids for _ in range(k)]
     pending = deque(range(len(episodes)))
     free = list(range(len(envs)))
     live = {}  # slot -> episode index
-    synced = _distributed()
-    rank0 = not synced or dist.get_rank() == 0
-    bar = tqdm(total=len(episodes), desc="rollouts", disable=not (progress and rank0), dynamic_ncols=True)
+    synced = distributed()
+    bar = tqdm(total=len(episodes), desc="rollouts", disable=not (progress and is_rank0()), dynamic_ncols=True)
 
     rewards = []
 
@@ -344,7 +336,7 @@ def collect(model, tokenizer, envs, task_ids, k, *, temperature=1.0, greedy=Fals
                     episodes[i].append(prompt_ids(tokenizer, messages))
                 finish_cut([s for s in slots if len(episodes[live[s]].token_ids) >= max_seq_len])
                 continue  # slots freed just now are refilled before generating
-            if not (_anyone(bool(live)) if synced else live):
+            if not (any_rank(bool(live)) if synced else live):
                 break
 
             # One turn for every live episode, in one batch.
@@ -353,13 +345,13 @@ def collect(model, tokenizer, envs, task_ids, k, *, temperature=1.0, greedy=Fals
             budgets = [min(max_new_tokens, max_seq_len - len(e.token_ids)) for e in eps]
             if eps:
                 caches = [kv.get(live[s]) for s in slots]
-                new_ids, new_logprobs, new_caches = sample(model, [e.token_ids for e in eps], budgets, eos_id=eos_id,
+                new_ids, new_logprobs, new_caches = sample(model, [e.token_ids for e in eps], budgets, stop=stop,
                                                            pad_id=pad_id, temperature=temperature, greedy=greedy,
                                                            caches=caches)
                 if reuse_cache:
                     kv.update((live[s], c) for s, c in zip(slots, new_caches))
             else:  # nothing live here, but other ranks are sampling: take part in their collectives
-                sample(model, [[eos_id]], [1], eos_id=eos_id, pad_id=pad_id, temperature=temperature, greedy=greedy)
+                sample(model, [[eos_id]], [1], stop=stop, pad_id=pad_id, temperature=temperature, greedy=greedy)
                 continue
 
             to_step, texts, cut = [], [], []
@@ -367,10 +359,10 @@ def collect(model, tokenizer, envs, task_ids, k, *, temperature=1.0, greedy=Fals
                 e.append(ids, agent=True, logprobs=lps)
                 e.num_turns += 1
                 if ids[-1] != eos_id:
-                    if budget < max_new_tokens or len(e.token_ids) + 1 > max_seq_len:
+                    if len(e.token_ids) + 1 > max_seq_len or (ids[-1] not in stop and budget < max_new_tokens):
                         cut.append(slot)  # cut by the context, not by max_new_tokens: never run
                         continue
-                    e.append([eos_id])  # close the cut turn; not sampled, so not an agent token
+                    e.append([eos_id])  # close the turn as the template does; not sampled, not an agent token
                 to_step.append(slot)
                 texts.append(tokenizer.decode(ids, skip_special_tokens=True))
 

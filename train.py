@@ -142,14 +142,9 @@ class Args:
     seed: int = 0
     """random seed (each rank and iteration derives its own)"""
     dtype: str = "auto"
-    """'auto' (bf16 on GPU, float32 on CPU), 'bfloat16' or 'float32'"""
-    bf16_autocast: bool = False
-    """run the transformer trunk of the training passes under bfloat16 autocast (float32 weights on a
-    CPU with AVX512-BF16/AMX: ~2x faster; on by default offline when the CPU has them)"""
-    bf16_sampling: bool = False
-    """sample (and evaluate) with a bfloat16 copy of the weights, LoRA merged, made afresh each phase,
-    while float32 weights learn (a CPU with AVX512-BF16/AMX: 1.4x faster sampling; on by default
-    offline when the CPU has them). Pointless when the weights are bfloat16 already (GPU default)"""
+    """compute dtype: 'auto' (bfloat16 where it is fast: GPUs, CPUs with AVX512-BF16 or AMX), 'bfloat16' or 'float32'. Trainable weights and Adam's state are float32 either way; with bfloat16, frozen base weights are stored in it"""
+    memory_check: bool = True
+    """before the first rollout, one forward and backward pass of micro_batch x max_seq_len tokens, so a run that cannot fit fails at once"""
     dist_timeout_s: int = 1800
     """seconds a collective may wait before the process group gives up"""
     world_size: int = field(default=1, metadata={"runtime": True})
@@ -164,14 +159,13 @@ class Args:
 # Adam moves every LoRA entry by ~lr per step whatever its (tiny, ~2e-5) gradient, and the walk
 # either learns nothing (lr 2e-4) or breaks the warm start (lr 5e-4); see the README's Results.
 # Gradient checkpointing off: a 135M model's activations fit, and it saves ~20% of the time.
-# bf16 autocast and bf16 sampling where the CPU has AMX/AVX512-BF16: learning and sampling run faster
-# (bench.py figures 7 and 8).
+# max_seq_len 2048: no episode of the mini-world reaches it at these turn and token limits (tested),
+# and it halves the start-up memory check.
 OFFLINE_DEFAULTS = dict(
     difficulties="1", prompt="short", k=4, tasks_per_iter=6, iterations=18, env_workers=24,
     max_interactions=3, eval_max_interactions=3, max_new_tokens=128, max_obs_tokens=400,
-    max_seq_len=4096, minibatch=12, micro_batch=6, lr=4e-4, adam_eps=1e-4, warm_start_epochs=4,
+    max_seq_len=2048, minibatch=12, micro_batch=6, lr=4e-4, adam_eps=1e-4, warm_start_epochs=4,
     eval_every=18, save_every=6, temperature=0.7, gradient_checkpointing=False,
-    bf16_autocast=M.fast_bf16("cpu"), bf16_sampling=M.fast_bf16("cpu"),
 )
 
 
@@ -238,8 +232,6 @@ def validate(args: Args, world_size: int) -> None:
     for name in ("iterations", "epochs", "max_interactions", "max_new_tokens", "env_workers", "eval_runs"):
         if getattr(args, name) < 1:
             bad(name, "must be at least 1")
-    if args.bf16_sampling and (args.dtype == "bfloat16" or (args.dtype == "auto" and torch.cuda.is_available())):
-        bad("bf16_sampling", "the weights are bfloat16 already; a bfloat16 copy would only cost memory")
     if args.eval_only and args.resume:
         bad("eval_only", "cannot be combined with --resume")
 
@@ -248,44 +240,19 @@ def validate(args: Args, world_size: int) -> None:
 
 
 def setup_distributed(timeout_s: int):
-    """nanoGPT's preamble: the same script runs alone and under torchrun."""
+    """nanoGPT's preamble: the same script runs alone and under torchrun (one rank included, so
+    `torchrun --nproc_per_node 1` runs every collective). FSDP's CUDA tensors go over NCCL, our own
+    small CPU collectives (model.any_rank, ...) over gloo."""
     ddp = int(os.environ.get("RANK", -1)) != -1
     cuda = torch.cuda.is_available()
-    if ddp:
-        dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(seconds=timeout_s))
-        rank, world_size, local_rank = dist.get_rank(), dist.get_world_size(), int(os.environ["LOCAL_RANK"])
-    else:
-        rank, world_size, local_rank = 0, 1, 0
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
     device = torch.device(f"cuda:{local_rank}") if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
+    if ddp:
+        dist.init_process_group(M.process_group_backend(cuda), timeout=timedelta(seconds=timeout_s))
+    rank, world_size = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
     return ddp, rank, world_size, device
-
-
-def all_sum(x: float | int) -> float:
-    """Sum a number over ranks (identity when not distributed)."""
-    if not dist.is_initialized():
-        return x
-    t = torch.tensor([float(x)], dtype=torch.float64)
-    dist.all_reduce(t)
-    return t.item()
-
-
-def all_max(x: int) -> int:
-    if not dist.is_initialized():
-        return x
-    t = torch.tensor([x], dtype=torch.int64)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return int(t.item())
-
-
-def all_gather_list(items: list) -> list:
-    """Concatenate a picklable list over ranks."""
-    if not dist.is_initialized():
-        return items
-    out = [None] * dist.get_world_size()
-    dist.all_gather_object(out, items)
-    return [x for part in out for x in part]
 
 
 def seed_everything(seed: int) -> None:
@@ -343,20 +310,20 @@ def by_length(batch: rollout.Batch, rows) -> list[int]:
     return sorted(rows, key=lambda r: lengths[r])
 
 
-def old_logprobs(model, batch: rollout.Batch, micro_batch: int, temperature: float, bf16: bool = False) -> torch.Tensor:
+def old_logprobs(model, batch: rollout.Batch, micro_batch: int, temperature: float) -> torch.Tensor:
     """log pi_old of every agent token, recomputed by the training model before the first update
     (App. D): the sampler's numbers (KV cache, batching) differ slightly from the trainer's.
     Every rank runs as many forward passes as the busiest one (FSDP's collectives); the extra
     passes re-score row 0 and are thrown away."""
     old = torch.zeros_like(batch.sampler_logprobs)  # (B, T-1)
-    n_passes = all_max(math.ceil(len(old) / micro_batch))
+    n_passes = M.max_over_ranks(math.ceil(len(old) / micro_batch))
     order = by_length(batch, range(len(old)))
     with torch.no_grad():
         for i in range(n_passes):
             rows = order[i * micro_batch:(i + 1) * micro_batch]  # may be empty
             mb = batch.select(rows if len(rows) else [0])  # padding columns of these rows cut
-            logp = M.token_logprobs(model, mb.input_ids, mb.attention_mask, temperature, positions=mb.agent_mask,
-                                    bf16_trunk=bf16)  # (b, T_mb-1)
+            logp = M.token_logprobs(model, mb.input_ids, mb.attention_mask, temperature,
+                                    positions=mb.agent_mask)  # (b, T_mb-1)
             if len(rows):
                 old[rows, :mb.agent_mask.shape[1]] = logp  # (b, T_mb-1)
     return old
@@ -378,21 +345,21 @@ def ppo_update(model, optimizer, episodes, advantages, spare, args: Args, world_
     per_rank = args.minibatch // world_size
     n_micro = per_rank // args.micro_batch
     n_real = len(episodes)
-    n_minibatches = all_max(math.ceil(n_real / per_rank))
+    n_minibatches = M.max_over_ranks(math.ceil(n_real / per_rank))
     stats = dict(approx_kl=0.0, clip_frac=0.0, grad_norm=0.0, skipped_steps=0, optimizer_steps=0, trained_tokens=0.0)
     if n_minibatches == 0:  # every group on every rank was filtered: nothing to learn this iteration
         return stats
     if n_real == 0:
         episodes, advantages = [spare], [0.0]
     batch = rollout.collate(episodes, model_pad_id(model)).to(device)
-    old = old_logprobs(model, batch, args.micro_batch, args.temperature, args.bf16_autocast)  # (B, T-1)
+    old = old_logprobs(model, batch, args.micro_batch, args.temperature)  # (B, T-1)
     adv = torch.tensor(advantages, dtype=torch.float32, device=device)  # (B,)
     params = [p for p in model.parameters() if p.requires_grad]
     for epoch in range(args.epochs):
         order = torch.randperm(n_real).tolist()  # trajectories of all this rank's tasks, mixed
         for i in range(n_minibatches):
             rows = by_length(batch, order[i * per_rank:(i + 1) * per_rank])  # same minibatch, less padding
-            n_global = all_sum(len(rows)) if args.loss_divisor == "count" else args.minibatch
+            n_global = M.sum_over_ranks(len(rows)) if args.loss_divisor == "count" else args.minibatch
             for j in range(n_micro):
                 micro, scale = rows[j * args.micro_batch:(j + 1) * args.micro_batch], 1.0
                 if not micro:  # keep in step with the other ranks, contribute nothing
@@ -400,7 +367,7 @@ def ppo_update(model, optimizer, episodes, advantages, spare, args: Args, world_
                 mb = batch.select(micro)
                 old_mb = old[micro, :mb.agent_mask.shape[1]]  # (b, T_mb-1)
                 logp = M.token_logprobs(model, mb.input_ids, mb.attention_mask, args.temperature,
-                                        positions=mb.agent_mask, bf16_trunk=args.bf16_autocast)  # (b, T_mb-1), 0 off the agent's tokens
+                                        positions=mb.agent_mask)  # (b, T_mb-1), 0 off the agent's tokens
                 loss, s = loop_loss(logp, old_mb, adv[micro], mb.agent_mask, eps=args.eps, level=args.level,
                                     clip=args.clip, turn_ids=mb.turn_ids, num_trajectories=max(n_global, 1) / world_size)
                 (loss * scale).backward()
@@ -455,11 +422,10 @@ def my_share(items: list, rank: int, world_size: int) -> list:
     return items[rank::world_size]
 
 
-def sampler(model, args: Args):
-    """The model that samples: the training model itself, or its bfloat16 copy (--bf16-sampling).
-    model.eval() either way: HF turns the KV cache off in train mode with gradient checkpointing."""
-    model.eval()
-    return M.sampling_copy(model, torch.bfloat16) if args.bf16_sampling else model
+def sampler(model):
+    """The training model itself, in eval mode: HF turns the KV cache off in train mode with gradient
+    checkpointing."""
+    return model.eval()
 
 
 def evaluate(model, tokenizer, envs, splits: dict[str, list[str]], args: Args, rank: int, world_size: int) -> dict:
@@ -472,7 +438,7 @@ def evaluate(model, tokenizer, envs, splits: dict[str, list[str]], args: Args, r
     mine = [t for task_ids in splits.values() for t in my_share(task_ids, rank, world_size)]
     runs = args.eval_runs
     try:  # every rank calls collect, even with no tasks: its forward passes are FSDP collectives
-        episodes = rollout.collect(sampler(model, args), tokenizer, envs, mine, runs,
+        episodes = rollout.collect(sampler(model), tokenizer, envs, mine, runs,
                                    greedy=args.eval_temperature == 0, temperature=args.eval_temperature or 1.0,
                                    max_new_tokens=args.max_new_tokens, max_seq_len=args.max_seq_len,
                                    score_cut=args.score_cut_episodes, gather_weights=args.sample_gathered,
@@ -480,7 +446,7 @@ def evaluate(model, tokenizer, envs, splits: dict[str, list[str]], args: Args, r
     finally:
         envs.max_interactions = limit
     # collect returns each task's `runs` episodes together: the j-th is run j's
-    done = all_gather_list([(e.task_id, i % runs, e.success, e.reward) for i, e in enumerate(episodes)])
+    done = M.gather_lists([(e.task_id, i % runs, e.success, e.reward) for i, e in enumerate(episodes)])
     metrics = {"eval_runs": runs}
     for split, task_ids in splits.items():
         ids = set(task_ids)
@@ -503,6 +469,8 @@ def save_checkpoint(path: Path, model, optimizer, args: Args, iteration: int, ma
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
     opts = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
     model_sd, optim_sd = get_state_dict(model, optimizer, options=opts)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    model_sd = {k: v for k, v in model_sd.items() if k in trainable}  # a tied (frozen) LM head slips through
     if master:
         tmp = path.with_suffix(".tmp")
         torch.save(dict(model=model_sd, optimizer=optim_sd, iteration=iteration, args=dataclasses.asdict(args),
@@ -570,6 +538,30 @@ def scripted_episodes(tokenizer, envs, task_ids: list[str], root: str) -> list[r
     return [e for e in episodes if e.success]  # a script that fails teaches nothing
 
 
+def memory_check(model, args: Args, device) -> None:
+    """One forward and backward pass of the longest micro-batch the run allows (micro_batch x
+    max_seq_len tokens, every one scored, gradient checkpointing as configured), before the first
+    rollout: a run that cannot fit fails now, naming the flags to change, not hours later. The
+    gradients are thrown away. Every rank runs it (FSDP's collectives)."""
+    ids = torch.randint(0, model.config.vocab_size, (args.micro_batch, args.max_seq_len), device=device)
+    mask = torch.ones_like(ids)  # (b, T)
+    model.train()
+    t0 = time.time()
+    try:
+        M.token_logprobs(model, ids, mask, args.temperature, positions=mask[:, 1:].bool()).mean().backward()
+    except (torch.OutOfMemoryError, RuntimeError) as e:
+        if not isinstance(e, torch.OutOfMemoryError) and "memory" not in str(e):
+            raise
+        raise SystemExit(f"error: one micro-batch of --micro-batch {args.micro_batch} x --max-seq-len "
+                         f"{args.max_seq_len} tokens does not fit ({str(e).splitlines()[0]}). Lower --micro-batch "
+                         f"or --max-seq-len, or turn on --gradient-checkpointing; --no-memory-check skips this "
+                         f"check.") from None
+    finally:
+        model.zero_grad(set_to_none=True)
+    if M.is_rank0():
+        print(f"memory check: {args.micro_batch} x {args.max_seq_len} tokens fit ({time.time() - t0:.0f} s)", flush=True)
+
+
 def warm_start(model, tokenizer, envs, task_ids, args: Args, device, log, master: bool) -> None:
     """Supervised epochs on scripted solutions before RL (the paper's SFT-GT idea; used for the
     small offline model, which without it almost never writes a working cell). The loss is the
@@ -584,8 +576,7 @@ def warm_start(model, tokenizer, envs, task_ids, args: Args, device, log, master
         chunks = torch.randperm(len(episodes)).split(args.micro_batch)
         for rows in tqdm(chunks, desc=f"warm start {epoch + 1}/{args.warm_start_epochs}", disable=not master, leave=False):
             mb = batch.select(rows)
-            logp = M.token_logprobs(model, mb.input_ids, mb.attention_mask, positions=mb.agent_mask,
-                                    bf16_trunk=args.bf16_autocast)  # (b, T-1)
+            logp = M.token_logprobs(model, mb.input_ids, mb.attention_mask, positions=mb.agent_mask)  # (b, T-1)
             nll = -torch.where(mb.agent_mask, logp, 0.0).sum() / mb.agent_mask.sum().clamp_min(1)  # () per agent token
             nll.backward()
             torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
@@ -615,7 +606,11 @@ def main(argv=None, envs=None, train_tasks=None, eval_tasks=None) -> list[dict]:
                 f.write(json.dumps(row) + "\n")
 
     seed_everything(args.seed + rank)
-    dtype = {"auto": None, "bfloat16": torch.bfloat16, "float32": torch.float32}[args.dtype]
+    bf16 = args.dtype == "bfloat16" or (args.dtype == "auto" and M.fast_bf16(device))
+    # Full fine-tuning trains every weight, so they load in float32 (FSDP then computes in bf16;
+    # a single process computes in float32); with LoRA, the frozen base is stored in the compute dtype.
+    full_ft = args.lora_rank == 0 and not args.eval_only
+    dtype = torch.bfloat16 if bf16 and not full_ft else torch.float32
     name = args.checkpoint if args.eval_only and args.checkpoint else args.model
     model, tokenizer = M.load(None if name == "tiny" else name, tiny=name == "tiny", dtype=dtype, device=device)
     if not args.eval_only:
@@ -624,7 +619,7 @@ def main(argv=None, envs=None, train_tasks=None, eval_tasks=None) -> list[dict]:
         if args.gradient_checkpointing:
             M.enable_gradient_checkpointing(model)
     if ddp:
-        model = M.shard(model, mixed_precision=device.type == "cuda")
+        model = M.shard(model, mixed_precision=bf16)
 
     own_envs = envs is None
     if own_envs:
@@ -653,9 +648,12 @@ def main(argv=None, envs=None, train_tasks=None, eval_tasks=None) -> list[dict]:
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, eps=args.adam_eps)
         start, best = 0, None  # best: (TGC, SGC) on eval_split of the model in best/
-        if args.resume and (out / "checkpoint.pt").exists():
+        resuming = args.resume and (out / "checkpoint.pt").exists()
+        if resuming:
             start, best = load_checkpoint(out / "checkpoint.pt", model, optimizer)
-        elif args.warm_start_epochs > 0:  # every rank the same data: the same number of FSDP passes
+        if args.memory_check:
+            memory_check(model, args, device)
+        if not resuming and args.warm_start_epochs > 0:  # every rank the same data: the same number of FSDP passes
             warm_start(model, tokenizer, envs, train_tasks, args, device, log, master)
             save_checkpoint(out / "checkpoint.pt", model, optimizer, args, 0, master)  # --resume skips it
         eval_splits = {"train": train_tasks, args.eval_split: eval_tasks}
@@ -684,7 +682,7 @@ def main(argv=None, envs=None, train_tasks=None, eval_tasks=None) -> list[dict]:
             mine = my_share(draw, rank, world_size)
             # ---- 2. K rollouts per task
             t0 = time.time()
-            episodes = rollout.collect(sampler(model, args), tokenizer, envs, mine, args.k, temperature=args.temperature,
+            episodes = rollout.collect(sampler(model), tokenizer, envs, mine, args.k, temperature=args.temperature,
                                        max_new_tokens=args.max_new_tokens, max_seq_len=args.max_seq_len,
                                        score_cut=args.score_cut_episodes, gather_weights=args.sample_gathered,
                                        progress=master)
@@ -699,16 +697,16 @@ def main(argv=None, envs=None, train_tasks=None, eval_tasks=None) -> list[dict]:
             upd = ppo_update(model, optimizer, kept, kept_adv, episodes[0], args, world_size, device)
             t_learn = time.time() - t0
             # ---- 5. log
-            n = all_sum(len(episodes))
-            outcomes = all_gather_list([(e.task_id, int(e.success)) for e in episodes])  # every rank's (task, 0/1)
+            n = M.sum_over_ranks(len(episodes))
+            outcomes = M.gather_lists([(e.task_id, int(e.success)) for e in episodes])  # every rank's (task, 0/1)
             row = dict(
                 iteration=it + 1,
                 task_pass=it * args.tasks_per_iter // len(train_tasks) + 1,  # which pass over the training tasks
-                reward=all_sum(sum(e.reward for e in episodes)) / n,
+                reward=M.sum_over_ranks(sum(e.reward for e in episodes)) / n,
                 success=sum(s for _, s in outcomes) / n,
-                filtered=1 - all_sum(len(kept)) / n,
-                env_failed=all_sum(sum(e.end_reason == "env_failed" for e in episodes)),
-                turns=all_sum(sum(e.num_turns for e in episodes)) / n,
+                filtered=1 - M.sum_over_ranks(len(kept)) / n,
+                env_failed=M.sum_over_ranks(sum(e.end_reason == "env_failed" for e in episodes)),
+                turns=M.sum_over_ranks(sum(e.num_turns for e in episodes)) / n,
                 **upd, sample_s=t_sample, learn_s=t_learn,
                 task_successes={t: sum(s for u, s in outcomes if u == t) for t in draw},  # successes of K per task
             )
