@@ -233,9 +233,8 @@ import sys
 import time
 
 import appworld_env as env
+from mini_world.play import NO_CODE, play_solutions
 from mini_world.scenarios import SCENARIOS
-
-NO_CODE = "I am not sure what to do."
 
 
 @pytest.fixture(scope="session")
@@ -257,22 +256,8 @@ def pool(world_root):
 
 
 def _play(pool, task_ids, scripts):
-    """Run one episode per task (a list of agent messages each), in waves over the pool's slots;
-    returns the final StepResult of each. A script that ends before `done` is padded with NO_CODE."""
-    finals = []
-    for start in range(0, len(task_ids), len(pool)):
-        ids, todo = task_ids[start:start + len(pool)], scripts[start:start + len(pool)]
-        slots = list(range(len(ids)))
-        pool.reset(slots, ids)
-        last, turn = [None] * len(ids), 0
-        while any(r is None or not r.done for r in last):
-            live = [s for s in slots if last[s] is None or not last[s].done]
-            texts = [todo[s][turn] if turn < len(todo[s]) else NO_CODE for s in live]
-            for s, result in zip(live, pool.step(live, texts)):
-                last[s] = result
-            turn += 1
-        finals += last
-    return finals
+    """The final StepResult of each task's episode: its script played, then NO_CODE turns until done."""
+    return [steps[-1][1] for _, steps in play_solutions(pool, task_ids, scripts)]
 
 
 def _answer(root, task_id):

@@ -16,6 +16,7 @@ Each scenario gives:
 Splits: train scenarios teach the skills; dev scenarios are other templates (new fields, apps or
 combinations), so dev success measures generalisation, not memorisation.
 """
+import string
 from dataclasses import dataclass
 from typing import Callable
 
@@ -424,3 +425,28 @@ apis.supervisor.complete_task()
     ),
 ]
 
+
+
+# ------------------------------------------------------------------------------ scripted solutions
+
+def find_variant(task_id: str) -> tuple[Scenario, dict]:
+    """The scenario and variant of a mini-world task id, `<scenario>_<n>`."""
+    name, _, number = task_id.rpartition("_")
+    for scenario in SCENARIOS:
+        if scenario.name == name and number.isdigit() and 1 <= int(number) <= len(scenario.variants):
+            return scenario, scenario.variants[int(number) - 1]
+    raise ValueError(f"{task_id!r} is not a mini-world task (see mini_world/scenarios.py); scripted "
+                     "solutions exist only for those.")
+
+
+def template_fields(variant: dict) -> dict:
+    """What the `$` blanks of an instruction or solution are filled with: the variant's fields and
+    the supervisor's email and phone number."""
+    person = PEOPLE[variant["supervisor"]]
+    return {**variant, "email": person["email"], "phone_number": person["phone_number"]}
+
+
+def solution(task_id: str) -> list[str]:
+    """The scripted correct assistant turns of a mini-world task (one ```python block each)."""
+    scenario, variant = find_variant(task_id)
+    return [string.Template(cell).substitute(template_fields(variant)) for cell in scenario.solution]
