@@ -292,6 +292,24 @@ def test_env_setup_is_idempotent_and_fast_the_second_time(world_root):
     assert done.returncode == 0 and "mini-world ready" in done.stdout, done.stderr
 
 
+def test_env_mini_world_readme_table_is_the_scenarios():
+    from mini_world.scenarios import table
+    with open(os.path.join(env.REPO, "mini_world", "README.md")) as file:
+        assert table() in file.read()
+
+
+def test_env_cli_shows_a_scripted_episode_and_times_the_pool(world_root):
+    run = lambda *a: subprocess.run([sys.executable, os.path.join(env.REPO, "appworld_env.py"), *a],
+                                    capture_output=True, text=True, timeout=300)
+    shown = run("show", "venmopay_2", "--prompt", "short")
+    assert shown.returncode == 0 and shown.stdout.count("----- assistant") == 2, shown.stderr
+    assert shown.stdout.rstrip().endswith("----- done: reward 1.0, success True, 3/3 tests passed")
+    timed = run("bench", "--slots", "2", "--rounds", "2")
+    assert timed.returncode == 0 and timed.stdout.startswith("pool start"), timed.stderr
+    for op in ("reset", "step", "score"):
+        assert re.search(rf"^{op} of 2 episodes at once, s per round: [0-9.]+ [0-9.]+$", timed.stdout, re.M), timed.stdout
+
+
 def test_env_extract_code_joins_python_blocks_and_keeps_an_unclosed_last_one():
     text = "First:\n```python\na = 1\n```\nthen\n```Python\nprint(a)\n```\n```\nnot python\n```\n```py\nb = 2"
     assert env.extract_code(text) == "a = 1\n\nprint(a)\n\nb = 2"

@@ -13,6 +13,8 @@ Each scenario gives:
   nothing else changed. The variant's fields are its `private_data`.
 - `setup(add, variant)`: optional extra records for this task only (on top of the base world).
 
+`solution(task_id)` gives a task's scripted turns; `table()` the README's table of scenarios.
+
 Splits: train scenarios teach the skills; dev scenarios are other templates (new fields, apps or
 combinations), so dev success measures generalisation, not memorisation.
 """
@@ -450,3 +452,15 @@ def solution(task_id: str) -> list[str]:
     """The scripted correct assistant turns of a mini-world task (one ```python block each)."""
     scenario, variant = find_variant(task_id)
     return [string.Template(cell).substitute(template_fields(variant)) for cell in scenario.solution]
+
+
+def table() -> str:
+    """The scenarios as a Markdown table (mini_world/README.md holds it; a test checks it is current)."""
+    rows = ["| tasks | split | difficulty | apps | instruction (first variant) | the scripted solution's steps |",
+            "|---|---|---|---|---|---|"]
+    for s in SCENARIOS:
+        instruction = string.Template(s.instruction).substitute(template_fields(s.variants[0]))
+        steps = " / ".join(cell.split("\n", 1)[0] for cell in solution(f"{s.name}_1"))
+        rows.append(f"| {s.name}_1..{len(s.variants)} | {s.split} | {s.difficulty} | {', '.join(s.apps)} | "
+                    f"{instruction} | {steps} |")
+    return "\n".join(rows)
