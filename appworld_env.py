@@ -329,6 +329,19 @@ def _recv(conn, limit: int = 1 << 26):
     return json.loads(conn.recv_bytes(limit))
 
 
+def _failed(reply) -> bool:
+    """A reply that says why there is none, or an error."""
+    return not isinstance(reply, dict) or "error" in reply
+
+
+def _remove_outputs(root: str, prefix: str) -> None:
+    """Delete the output folders of a zygote's episodes (their names start with its prefix)."""
+    outputs = os.path.join(root, "experiments", "outputs")
+    for name in os.listdir(outputs) if os.path.isdir(outputs) else []:
+        if name.startswith(prefix):
+            shutil.rmtree(os.path.join(outputs, name), ignore_errors=True)
+
+
 def _zygote_main(fd: int, root: str) -> None:
     """The pool's trusted process: warm AppWorld up, answer {"ready"} (or {"error"}), serve, clean up."""
     import gc
@@ -597,19 +610,6 @@ def _copy_outputs(folder: str, task_id: str, target: str) -> None:
                 raise ValueError(f"{entry.name} holds a statement that is not a change: {line[:80]!r}")
         with open(os.path.join(target, entry.name), "wb") as file:
             file.write(data)
-
-
-def _failed(reply) -> bool:
-    """A reply that says why there is none, or an error."""
-    return not isinstance(reply, dict) or "error" in reply
-
-
-def _remove_outputs(root: str, prefix: str) -> None:
-    """Delete the output folders of a zygote's episodes (their names start with its prefix)."""
-    outputs = os.path.join(root, "experiments", "outputs")
-    for name in os.listdir(outputs) if os.path.isdir(outputs) else []:
-        if name.startswith(prefix):
-            shutil.rmtree(os.path.join(outputs, name), ignore_errors=True)
 
 
 # ===================================================================================== the pool
