@@ -955,7 +955,8 @@ def ensure_appworld_installed() -> None:
 def bench(root: str, slots: int, rounds: int) -> None:
     """Print what the environment costs: the pool's start, then `rounds` times a reset, a step (one
     API call) and a score of `slots` episodes at once."""
-    tasks = [load_task_ids("train", root)[i % len(load_task_ids("train", root))] for i in range(slots)]
+    train = load_task_ids("train", root)
+    tasks = [train[i % len(train)] for i in range(slots)]
     cell, ids, times = '```python\nprint(apis.supervisor.show_profile()["first_name"])\n```', list(range(slots)), {}
     start = time.perf_counter()
     with EnvPool(slots, root) as pool:
