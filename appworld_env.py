@@ -1,36 +1,26 @@
-"""AppWorld as a multi-turn environment for LOOP, in confined processes; and the offline mini-world.
+"""AppWorld as a multi-turn environment for LOOP: task lists and scores, the prompt, and EnvPool,
+which runs every episode in a fresh confined process.
 
-    python appworld_env.py setup [--root DIR] [--force]   # build the mini-world (offline, ~30 s)
+    python appworld_env.py setup [--root DIR] [--force]     # build the offline mini-world (mini_world/)
     python appworld_env.py show likesong_1 [--prompt short]  # print an episode of a scripted solution
+    python appworld_env.py bench [--slots 4] [--rounds 3]    # time the pool's start, reset, step, score
 
-Two settings, one code path (the real AppWorld engine, never a mock):
-- the mini-world (default): our own 48 tasks over invented people (`mini_world/`), written in
-  AppWorld's on-disk format under `<repo>/appworld_root` by `setup_mini_world()`;
-- the real AppWorld data: `appworld download data --root DIR`, then `APPWORLD_ROOT=DIR`.
+One code path, the real AppWorld engine (never a mock), for two settings: the mini-world (default;
+48 tasks of our own, built under <repo>/appworld_root) and the real AppWorld data
+(`appworld download data --root DIR`, then APPWORLD_ROOT=DIR).
 
-An episode: `reset` gives the opening chat messages (see PROMPTS: `paper`, the default, has
-instructions, a worked demonstration as chat turns, then the task); each `step` takes the agent's
-message, runs its ```python blocks in the task's world and returns what they printed (truncated)
-plus a reminder of the task. The episode ends when the agent calls `apis.supervisor.complete_task(...)`,
-at the interaction limit, or when the trainer calls `score` (its context is full); then AppWorld's
-own unit tests for the task decide the reward.
-
-Why processes: AppWorld freezes the clock of its whole process (freezegun), times cells out with
-SIGALRM (main thread only), allows one open world per process, and runs the agent's code in its own
-process. So the trainer never imports appworld; each episode runs in a fresh process that cannot
-reach the ground truth or the trainer, and is scored in another (see "episodes in processes"); a
-process that hangs or dies ends only its own episode.
+An episode: `reset` gives the opening chat messages; each `step` runs the ```python blocks of the
+agent's message in the task's world and returns what they printed (cut) plus a task reminder. It
+ends when the agent calls `apis.supervisor.complete_task(...)`, at the interaction limit, or when the
+trainer calls `score` (its context is full); AppWorld's own unit tests for the task give the reward.
 """
 import argparse
-import hashlib
 import json
-import multiprocessing as mp
 import os
 import re
 import shutil
 import signal
 import socket
-import string
 import subprocess
 import sys
 import time
@@ -42,7 +32,6 @@ REPO = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_ROOT = os.environ.get("APPWORLD_ROOT") or os.path.join(REPO, "appworld_root")
 SPLITS = ("train", "dev", "test_normal", "test_challenge")
 REWARDS = ("fraction", "binary", "progress")
-BUILD_VERSION = 2  # bump when the builder below changes what it writes (the cache key includes it)
 
 
 # ============================================================================ task lists, metrics
@@ -55,37 +44,25 @@ def _missing_data_error(root: str) -> FileNotFoundError:
 
 
 def load_task_ids(split: str, root: str = DEFAULT_ROOT, difficulties=None) -> list[str]:
-    """Task ids of a split, read from `<root>/data/datasets/<split>.txt` (AppWorld's layout).
-
-    `difficulties`, e.g. (1, 2) for the paper's training subset, keeps tasks whose ground-truth
-    metadata has that difficulty.
-    """
+    """Task ids of a split, from `<root>/data/datasets/<split>.txt` (AppWorld's layout); with
+    `difficulties`, e.g. (1, 2) for the paper's training subset, only the tasks of those."""
     if split not in SPLITS:
         raise ValueError(f"Unknown split {split!r}; expected one of {SPLITS}.")
-    data = os.path.join(root, "data")
-    if not os.path.isdir(os.path.join(data, "tasks")):
+    if not os.path.isdir(os.path.join(root, "data", "tasks")):
         raise _missing_data_error(root)
-    path = os.path.join(data, "datasets", split + ".txt")
+    path = os.path.join(root, "data", "datasets", split + ".txt")
     if not os.path.exists(path):
         raise FileNotFoundError(f"No split file {path}. The mini-world has only train, dev and "
                                 f"test_normal (= dev); the real AppWorld data has all of {SPLITS}.")
     with open(path) as file:
         task_ids = [line.strip() for line in file if line.strip()]
-    if difficulties is not None:
-        task_ids = [t for t in task_ids if _metadata(root, t)["difficulty"] in set(difficulties)]
-    return task_ids
+    if difficulties is None:
+        return task_ids
 
-
-def is_mini_world(root: str = DEFAULT_ROOT) -> bool:
-    """True if `root` holds the mini-world or no data yet (so `setup_mini_world` may build it there);
-    False if it holds other data, such as the real AppWorld download."""
-    data = os.path.join(root, "data")
-    return os.path.exists(os.path.join(data, "mini_world.json")) or not (os.path.isdir(data) and os.listdir(data))
-
-
-def _metadata(root: str, task_id: str) -> dict:
-    with open(os.path.join(root, "data", "tasks", task_id, "ground_truth", "metadata.json")) as file:
-        return json.load(file)
+    def difficulty(task_id):
+        with open(os.path.join(root, "data", "tasks", task_id, "ground_truth", "metadata.json")) as file:
+            return json.load(file)["difficulty"]
+    return [t for t in task_ids if difficulty(t) in set(difficulties)]
 
 
 def _check_task_id(root: str, task_id: str) -> None:
@@ -116,27 +93,21 @@ def task_metrics(task_ids: list[str], successes: list[bool]) -> dict:
             "sgc": sum(all(s) for s in by_scenario.values()) / len(by_scenario)}
 
 
+# The mini-world's own (mini_world/), importable from here too; imported when called, because
+# mini_world imports this module.
+def setup_mini_world(root: str = DEFAULT_ROOT, force: bool = False) -> None:
+    from mini_world.build import setup_mini_world
+    setup_mini_world(root, force)
+
+
+def is_mini_world(root: str = DEFAULT_ROOT) -> bool:
+    from mini_world.build import is_mini_world
+    return is_mini_world(root)
+
+
 def solution(task_id: str, root: str = DEFAULT_ROOT) -> list[str]:
-    """The scripted correct assistant turns for a mini-world task (one ```python cell each)."""
-    scenario, variant = _find_variant(task_id)
-    fields = _template_fields(variant)
-    return [string.Template(cell).substitute(fields) for cell in scenario.solution]
-
-
-def _find_variant(task_id: str):
-    from mini_world.scenarios import SCENARIOS
-    name, _, number = task_id.rpartition("_")
-    for scenario in SCENARIOS:
-        if scenario.name == name and number.isdigit() and 1 <= int(number) <= len(scenario.variants):
-            return scenario, scenario.variants[int(number) - 1]
-    raise ValueError(f"{task_id!r} is not a mini-world task (see mini_world/scenarios.py); scripted "
-                     "solutions exist only for those.")
-
-
-def _template_fields(variant: dict) -> dict:
-    from mini_world.world import PEOPLE
-    person = PEOPLE[variant["supervisor"]]
-    return {**variant, "email": person["email"], "phone_number": person["phone_number"]}
+    from mini_world.scenarios import solution
+    return solution(task_id)
 
 
 # ==================================================================================== the prompt
@@ -259,9 +230,10 @@ def reminder(info: dict, prompt: str = "paper") -> str:
     return f"As a reminder, my task:\n{task_block(info)}"
 
 
-# ======================================================================== agent code, guard, output
+# ========================================================================= agent code and guard
 
 CODE_BLOCK = re.compile(r"```(?:python3?|py)\b[ \t]*\n?(.*?)(?:```|\Z)", re.DOTALL | re.IGNORECASE)
+MAX_CODE_CHARS = 20_000  # longer cells are refused: AppWorld's own parse of them takes ~40 s per MB
 
 
 def extract_code(text: str) -> str | None:
@@ -271,9 +243,9 @@ def extract_code(text: str) -> str | None:
     return "\n\n".join(blocks) if blocks else None
 
 
-# A friendly first message for code that reaches for the file system or the interpreter's insides,
-# in AppWorld's words. It is a text check, easy to get around, and not what keeps the answer away:
-# that is the episode's process (see "episodes in processes" below and the README's "Isolation").
+# A friendly first answer, in AppWorld's words, to code that reaches for the files or the
+# interpreter's insides. A text check, easy to get around: what keeps the ground truth and the
+# trainer out of reach is the episode's process (below, and the README's "Isolation").
 BLOCKED_MODULES = {"os", "sys", "pathlib", "appworld", "importlib", "io", "shutil", "inspect", "gc",
                    "ctypes", "builtins", "socket", "marshal"}
 BLOCKED_NAMES = {"__import__", "eval", "exec", "compile", "globals", "locals", "vars"}
@@ -310,7 +282,7 @@ def run_cell(world, code: str) -> str:
     """Run agent code in an open world; whatever the code is or does, the answer is an observation."""
     import ast
     failed = "Execution failed. Traceback:\n"
-    if len(code) > MAX_CODE_CHARS:  # refused before AppWorld's own parse, which takes ~40 s per MB
+    if len(code) > MAX_CODE_CHARS:
         return f"{failed}The code has {len(code)} characters; the limit is {MAX_CODE_CHARS}. Write smaller blocks."
     try:
         code.encode("utf-8")
@@ -328,28 +300,24 @@ def run_cell(world, code: str) -> str:
         world._save_state(world.output_db_home_path_on_disk)
         return f"{failed}{type(error).__name__}: {error}"
     finally:
-        world.environment_io.clear()  # AppWorld keeps every cell and output for its logs, which we do not write
+        world.environment_io.clear()  # AppWorld keeps every cell and output for logs we do not write
 
 
 # ======================================================================== episodes in processes
 #
-# AppWorld freezes the clock of its whole process (freezegun), times cells out with SIGALRM (main
-# thread only), allows one open world per process, and runs the agent's code in that process. So:
-# - one trusted "zygote" process per pool, started with a minimal environment, imports AppWorld and
-#   opens (then closes) one world, so that the next worlds open in ~0.1 s instead of ~3 s; it never
-#   runs agent code and never loads a ground truth;
-# - each episode is a fresh fork of it that serves that one episode and dies with it, confined
-#   (see _confine) and with its world opened without the ground truth;
-# - each score is another fresh fork, which checks and scores the output databases that the
-#   episode's world saved after every cell, after the episode's processes are gone.
-# The trainer never imports appworld; it talks to each process over its own socket, in JSON (never
-# pickle: that would run code the agent sent).
+# AppWorld freezes its process's clock (freezegun), times cells out with SIGALRM (main thread only),
+# allows one open world per process, and runs the agent's code in that process. So the trainer never
+# imports appworld. A pool starts one trusted "zygote" process, which imports AppWorld and opens one
+# world so that the next ones open fast; it never runs agent code and never loads a ground truth.
+# Every episode is a fresh fork of it, confined (_confine), its world opened without the ground
+# truth; every score is another fresh fork, which checks and scores the output databases the world
+# saved after each cell, once the episode's processes are gone. Each process talks to the pool on a
+# socket of its own, in JSON (never pickle: it would run code the agent sent).
 
-MAX_CODE_CHARS = 20_000
-ENV_KEEP = ("PATH", "PYTHONPATH", "LD_LIBRARY_PATH", "LANG", "LC_ALL", "TZ")  # all of the trainer's the zygote gets
-UID_BASE = 1 << 30  # as root, an episode runs as uid UID_BASE + its pid: a uid nothing else has
-LIMITS = {"RLIMIT_FSIZE": 64 << 20, "RLIMIT_AS": 4 << 30, "RLIMIT_CORE": 0}  # NPROC too, with an own uid
-SQL_VERBS = {"INSERT", "UPDATE", "DELETE", "CREATE", "DROP"}  # what AppWorld's change tracker records
+ENV_KEEP = ("PATH", "PYTHONPATH", "LD_LIBRARY_PATH", "LANG", "LC_ALL", "TZ")  # all the zygote gets of ours
+UID_BASE = 1 << 30  # as root, an episode runs as uid UID_BASE + its pid, which nothing else has
+LIMITS = {"RLIMIT_FSIZE": 64 << 20, "RLIMIT_AS": 4 << 30, "RLIMIT_CORE": 0}  # and NPROC, with a uid of its own
+SQL_VERBS = {"INSERT", "UPDATE", "DELETE", "CREATE", "DROP"}  # the statements AppWorld's change logs hold
 ISOLATION = ("own uid", "read-only files", "hidden ground truth", "no network", "own /proc")  # see _confine
 
 
@@ -361,30 +329,40 @@ def _recv(conn, limit: int = 1 << 26):
     return json.loads(conn.recv_bytes(limit))
 
 
-def _zygote_main(fd: int, root: str) -> None:
-    """The pool's trusted process: warm up, answer {"ready"} or {"error"}, serve, clean up."""
-    import gc
+def _failed(reply) -> bool:
+    """A reply that says why there is none, or an error."""
+    return not isinstance(reply, dict) or "error" in reply
+
+
+def _remove_outputs(root: str, prefix: str) -> None:
+    """Delete the output folders of a zygote's episodes (their names start with its prefix)."""
     outputs = os.path.join(root, "experiments", "outputs")
-    prefix = f"envpool-{os.getpid()}-"
+    for name in os.listdir(outputs) if os.path.isdir(outputs) else []:
+        if name.startswith(prefix):
+            shutil.rmtree(os.path.join(outputs, name), ignore_errors=True)
+
+
+def _zygote_main(fd: int, root: str) -> None:
+    """The pool's trusted process: warm AppWorld up, answer {"ready"} (or {"error"}), serve, clean up."""
+    import gc
+    outputs, prefix = os.path.join(root, "experiments", "outputs"), f"envpool-{os.getpid()}-"
     os.environ.update(APPWORLD_ROOT=root, HOME=os.path.join(outputs, prefix + "home"))  # for AppWorld, IPython
     conn, env = Connection(fd), dict(os.environ)
     try:
         if os.geteuid() == 0:  # episodes run as other uids: they cannot enter these folders
-            tasks = os.path.join(root, "data", "tasks")
-            for task_id in os.listdir(tasks):
-                if os.path.isdir(os.path.join(tasks, task_id, "ground_truth")):
-                    os.chmod(os.path.join(tasks, task_id, "ground_truth"), 0o700)
+            for task in os.scandir(os.path.join(root, "data", "tasks")):
+                if os.path.isdir(os.path.join(task.path, "ground_truth")):
+                    os.chmod(os.path.join(task.path, "ground_truth"), 0o700)
         os.makedirs(os.environ["HOME"], exist_ok=True)
         import pytest  # noqa: F401  AppWorld's evaluation imports it: once here, not in every scorer
         from appworld import AppWorld
         from appworld.apps import model_lib
         world = AppWorld(task_id=sorted(os.listdir(os.path.join(root, "data", "tasks")))[0],
                          experiment_name=prefix + "warmup", load_ground_truth=False)
-        world.execute("apis.supervisor.show_profile()")  # a first API call has its own one-time costs
+        world.execute("apis.supervisor.show_profile()")  # a first API call has one-time costs too
         world.close()
         AppWorld.close_all()
-        # that world left the base databases open read-write (as root) in caches: an episode would inherit them
-        model_lib.get_cached_db_engine.cache_clear()
+        model_lib.get_cached_db_engine.cache_clear()  # base databases left open read-write: not for episodes
         model_lib.get_direct_cached_sqlite3_connection.cache_clear()
         os.environ.clear()
         os.environ.update(env)  # what appworld's import added goes (it loads .env files)
@@ -395,57 +373,51 @@ def _zygote_main(fd: int, root: str) -> None:
     else:
         _send(conn, {"ready": True})
         _zygote_serve(conn, root)
-    for name in os.listdir(outputs) if os.path.isdir(outputs) else []:
-        if name.startswith(prefix):
-            shutil.rmtree(os.path.join(outputs, name), ignore_errors=True)
+    _remove_outputs(root, prefix)
 
 
 def _zygote_serve(conn, root: str) -> None:
-    """Requests, one at a time: {"op": "episode", ...} with a socket -> {"pid"}: fork an episode;
-    {"op": "end", "pid", "name", "score", ...} (with a socket if "score") -> {} or {"pid"}: kill the
-    episode's process, then fork a scorer or delete its outputs; {"op": "close"}."""
+    """Requests, one at a time; those with a socket get a fresh fork, which serves it:
+    {"op": "episode", "task_id", "name", ...} + socket -> {"pid"}: an episode;
+    {"op": "end", "pid", "name", "sweep", "score", ...} -> kill the episode's process, then either
+        {"pid"} of a scorer (+ socket, if "score") or {} once its outputs are deleted; {"op": "close"}."""
     import ctypes
-    if hasattr(ctypes.CDLL(None), "prctl"):  # PR_SET_CHILD_SUBREAPER: orphaned agent processes are ours to reap
+    if hasattr(ctypes.CDLL(None), "prctl"):  # PR_SET_CHILD_SUBREAPER: the agent's orphans are ours to reap
         ctypes.CDLL(None).prctl(36, 1, 0, 0, 0)
-    outputs, children = os.path.join(root, "experiments", "outputs"), set()
+    children = set()
     while True:
         try:
             request = _recv(conn)
         except (EOFError, OSError):
             break
-        while True:  # reap what ended, its own children and the orphans of its children's children
-            try:
-                pid, _ = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                break
-            if not pid:
-                break
-            children.discard(pid)
+        try:  # reap what ended: our children and orphans of theirs
+            while pid := os.waitpid(-1, os.WNOHANG)[0]:
+                children.discard(pid)
+        except ChildProcessError:
+            pass
         if request["op"] == "close":
             break
-        if request["op"] == "end" and request["pid"] in children:
-            os.kill(request["pid"], signal.SIGKILL)  # its PID namespace (if any) dies with it
-            os.waitpid(request["pid"], 0)
-            children.discard(request["pid"])
-        if request["op"] == "end" and request.get("sweep"):  # no PID namespace: kill what it started, by its uid
-            helper = os.fork()
-            if helper == 0:
-                try:
-                    os.setuid(UID_BASE + request["pid"])  # never kill(-1) as root: if this fails, nothing is sent
-                    os.kill(-1, signal.SIGKILL)
-                finally:
-                    os._exit(0)
-            os.waitpid(helper, 0)
-        if request["op"] == "end" and not request["score"]:
-            shutil.rmtree(os.path.join(outputs, request["name"]), ignore_errors=True)
-            _send(conn, {})
-            continue
+        if request["op"] == "end":
+            if request["pid"] in children:
+                os.kill(request["pid"], signal.SIGKILL)  # its PID namespace (if any) dies with it
+                os.waitpid(request["pid"], 0)
+                children.discard(request["pid"])
+            if request.get("sweep"):  # no PID namespace: kill what runs as the episode's uid
+                if not (helper := os.fork()):
+                    try:
+                        os.setuid(UID_BASE + request["pid"])  # never kill(-1) as root: if this fails, nothing is sent
+                        os.kill(-1, signal.SIGKILL)
+                    finally:
+                        os._exit(0)
+                os.waitpid(helper, 0)
+            if not request["score"]:
+                shutil.rmtree(os.path.join(root, "experiments", "outputs", request["name"]), ignore_errors=True)
+                _send(conn, {})
+                continue
         sock = recv_handle(conn)
-        pid = os.fork()
-        if pid == 0:
-            main = _episode_main if request["op"] == "episode" else _score_main
+        if not (pid := os.fork()):
             try:
-                main(sock, root, request)
+                (_episode_main if request["op"] == "episode" else _score_main)(sock, root, request)
             finally:
                 os._exit(0)
         os.close(sock)
@@ -457,14 +429,14 @@ def _zygote_serve(conn, root: str) -> None:
 
 
 def _episode_main(fd: int, root: str, request: dict) -> None:
-    """In a fresh fork of the zygote: confine this process, open the task's world, serve the episode."""
+    """In a fresh fork of the zygote: confine this process, open the task's world, run the agent's cells."""
     conn = Connection(fd)
     try:
         os.setsid()  # no signals from the trainer's terminal
         null = os.open(os.devnull, os.O_RDWR)
         for std in (0, 1, 2):  # nothing written to the trainer's terminal or logs
             os.dup2(null, std)
-        os.closerange(3, fd)  # inherited files (the zygote's socket, ...) the agent must not reach
+        os.closerange(3, fd)  # no inherited file (the zygote's socket, ...) left for the agent
         os.closerange(fd + 1, 1 << 16)
         isolation = _confine(root, request["task_id"], request["name"])
         if isolation is None:
@@ -498,23 +470,10 @@ def _episode_main(fd: int, root: str, request: dict) -> None:
         _send(conn, {"output": output[:limit], "hidden": max(0, len(output) - limit), "completed": completed})
 
 
-def _closed_folders(paths: list[str]) -> dict:
-    """{folder: the entries in it on the way to `paths`}, for each folder on the way that users other
-    than its owner cannot enter (e.g. a home folder holding Python or the data)."""
-    closed = {}
-    for path in {os.path.realpath(p) for p in paths if os.path.exists(p)}:
-        parts = path.strip("/").split("/")
-        for depth in range(len(parts)):
-            folder = "/" + "/".join(parts[:depth])
-            if not os.stat(folder).st_mode & 0o001:
-                closed.setdefault(folder, set()).add(parts[depth])
-    return closed
-
-
 def _confine(root: str, task_id: str, name: str) -> list[str] | None:
     """Take from this process what agent code must not have, as far as the platform allows; returns
-    what was taken (see ISOLATION and the README's "Isolation"). Forks once: the parent only waits
-    for the confined child and gets None back."""
+    what was taken (see ISOLATION). Forks once: the parent only waits for the confined child, and
+    gets None."""
     import ctypes
     import resource
     libc = ctypes.CDLL(None, use_errno=True)
@@ -536,7 +495,7 @@ def _confine(root: str, task_id: str, name: str) -> list[str] | None:
         attr = (ctypes.c_uint64 * 4)(int(read_only), int(not read_only), 0, 0)
         call(libc.syscall, 442, -100, path.encode(), 0x8000 if recursive else 0, attr, ctypes.sizeof(attr))
 
-    def show_only(folder, entries):  # over `folder`, an empty one, into which `entries` are bound again
+    def show_only(folder, entries):  # an empty tmpfs over `folder`, into which `entries` are bound again
         handles = {entry: os.open(os.path.join(folder, entry), os.O_PATH) for entry in entries}
         mount("tmpfs", folder, "tmpfs", 0, "size=64k,mode=755")
         for entry, handle in handles.items():
@@ -550,7 +509,12 @@ def _confine(root: str, task_id: str, name: str) -> list[str] | None:
     prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG: dies with the zygote (and its child with it, below)
     root_user, uid, gid = os.geteuid() == 0, os.getuid(), os.getgid()
     own_uid = UID_BASE + os.getpid()  # as root: a uid nothing else has
-    closed = _closed_folders([*sys.path, root]) if root_user else {}  # closed to that uid
+    closed = {}  # as root: {folder that own_uid could not enter: its entries on the way to Python or the data}
+    for path in {os.path.realpath(p) for p in [*sys.path, root] if root_user and os.path.exists(p)}:
+        parts = path.strip("/").split("/")
+        for depth in range(len(parts)):
+            if not os.stat("/" + "/".join(parts[:depth])).st_mode & 0o001:
+                closed.setdefault("/" + "/".join(parts[:depth]), set()).add(parts[depth])
     tasks, out = os.path.join(root, "data", "tasks"), os.path.join(root, "experiments", "outputs", name)
     os.mkdir(out, 0o700)
     if root_user:
@@ -564,8 +528,7 @@ def _confine(root: str, task_id: str, name: str) -> list[str] | None:
         namespaces = True
     except (OSError, AttributeError):
         namespaces = False
-    child = os.fork()  # the first process of the new PID namespace: all the agent's processes die with it
-    if child:
+    if child := os.fork():  # the first process of the new PID namespace: the agent's processes die with it
         os.closerange(3, 1 << 16)  # the socket too: the trainer sees the episode end when the child does
         os.waitpid(child, 0)
         return None
@@ -610,13 +573,11 @@ def _confine(root: str, task_id: str, name: str) -> list[str] | None:
 
 def _score_main(fd: int, root: str, request: dict) -> None:
     """In a fresh fork of the zygote: score an ended episode from a checked copy of its output
-    databases, then delete them. The agent's code never ran in this process or its parent."""
+    databases, then delete them. No agent code ever ran in this process or its parent."""
     signal.alarm(max(1, int(request["timeout"])))  # ends this process if scoring hangs
-    outputs, task_id = os.path.join(root, "experiments", "outputs"), request["task_id"]
-    checked = request["name"] + "-checked"
+    outputs, task_id, checked = os.path.join(root, "experiments", "outputs"), request["task_id"], request["name"] + "-checked"
     try:
-        _copy_outputs(os.path.join(outputs, request["name"]), task_id,
-                      os.path.join(outputs, checked, "tasks", task_id, "dbs"))
+        _copy_outputs(os.path.join(outputs, request["name"]), task_id, os.path.join(outputs, checked, "tasks", task_id, "dbs"))
         from appworld.evaluator import evaluate_task
         tracker = evaluate_task(task_id, checked, suppress_errors=True, save_report=False)
         reply = {"success": tracker.success, "pass_count": tracker.pass_count, "num_tests": tracker.num_tests,
@@ -631,9 +592,9 @@ def _score_main(fd: int, root: str, request: dict) -> None:
 
 
 def _copy_outputs(folder: str, task_id: str, target: str) -> None:
-    """Copy the output databases of an episode, checking them on the way: no links, only AppWorld's
-    files, only SQL statements that change a database (not ATTACH, VACUUM INTO, ..., which reach
-    files). What is checked is what is scored: the copy is made from the bytes checked."""
+    """Copy an episode's output databases, checking them on the way: no links, only AppWorld's files,
+    only SQL statements that change a database (not ATTACH, VACUUM INTO, ..., which reach files).
+    What is scored is the bytes that were checked."""
     fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
     for part in ("tasks", task_id, "dbs"):
         fd = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
@@ -644,39 +605,20 @@ def _copy_outputs(folder: str, task_id: str, target: str) -> None:
             raise ValueError(f"unexpected {entry.name!r} among the output databases")
         with open(entry.name, "rb", opener=lambda path, flags: os.open(path, flags | os.O_NOFOLLOW, dir_fd=fd)) as file:
             data = file.read()
-        if entry.name.endswith(".jsonl"):
-            for line in data.splitlines():
-                if line.strip() and json.loads(line)[0].split(None, 1)[0].upper() not in SQL_VERBS:
-                    raise ValueError(f"{entry.name} holds a statement that is not a change: {line[:80]!r}")
+        for line in data.splitlines() if entry.name.endswith(".jsonl") else []:
+            if line.strip() and json.loads(line)[0].split(None, 1)[0].upper() not in SQL_VERBS:
+                raise ValueError(f"{entry.name} holds a statement that is not a change: {line[:80]!r}")
         with open(os.path.join(target, entry.name), "wb") as file:
             file.write(data)
 
 
 # ===================================================================================== the pool
 
-def _start_without_main(process) -> None:
-    """Start a spawned process without re-running the parent's main script in it.
-
-    Spawn normally re-imports the main module in the child; under train.py that means torch and
-    transformers in the child. Our targets live in this module, so the child never needs the main
-    module: hide it while the child's start-up data is taken.
-    """
-    main = sys.modules["__main__"]
-    saved = {name: main.__dict__[name] for name in ("__file__", "__spec__") if name in main.__dict__}
-    main.__dict__.pop("__file__", None)
-    main.__spec__ = None
-    try:
-        process.start()
-    finally:
-        main.__dict__.pop("__spec__", None)
-        main.__dict__.update(saved)
-
-
 @dataclass
 class StepResult:
-    observation: str  # the text for the next user message (output, truncated, plus a task reminder)
+    observation: str  # the next user message: what the code printed (cut), then the task reminder
     done: bool
-    reward: float = 0.0  # set when done, by the pool's reward mode
+    reward: float = 0.0  # once done, in the pool's reward mode
     success: bool = False
     pass_count: int = 0
     num_tests: int = 0
@@ -686,32 +628,30 @@ class StepResult:
 @dataclass
 class _Episode:
     task_id: str
-    info: dict  # the task's specs shown to the agent: instruction, datetime, supervisor
-    name: str  # AppWorld's experiment name: its output databases are under experiments/outputs/<name>
-    pid: int
-    conn: object
+    name: str  # AppWorld's experiment name: the outputs are in experiments/outputs/<name>
+    pid: int  # of its process; once it is scored, of its scorer
+    conn: Connection
+    info: dict = field(default_factory=dict)  # the task's specs shown to the agent
     interactions: int = 0
     completed: bool = False
     done: bool = False
 
 
 class EnvPool:
-    """`size` episode slots, each episode in a fresh process (see "episodes in processes" above).
+    """`size` episode slots, each episode in a fresh process of its own.
 
-    `reset`, `step` and `score` take lists of slots and run them in parallel (send every request, then
-    gather). Whatever the agent's code is or does in its process is an observation; an episode whose
-    process dies or misses its deadline ends with reward 0 and info["env_failed"].
+    `reset`, `step` and `score` take lists of slots and serve them in parallel. Whatever the agent's
+    code is or does is an observation; an episode whose process dies or misses its deadline ends with
+    reward 0 and info["env_failed"].
 
     reward: "fraction" of the task's unit tests that pass (the paper's); "binary", 1 if all pass;
         "progress", the fraction among the tests a no-op episode fails (AppWorld's "no_op_fail"
         labels), so that doing nothing earns 0 instead of 1/2 or 2/3.
-    prompt: "paper" (the paper's structure) or "short" (a few lines, for tiny models); see PROMPTS.
-    tokenizer, max_obs_tokens: observations are cut at this many tokens of the policy's tokenizer
-        (in this process), or at 4 characters per token without one.
-    timeout: seconds any one request (open a world, run a cell, score) may take before the episode
-        is failed and its process killed; exec_timeout: AppWorld's own limit per cell (SIGALRM in the
-        episode's process, which survives it); start_timeout: seconds the first start of AppWorld
-        may take (one import for the whole pool; a loaded machine slows it down), tried twice.
+    prompt: see PROMPTS. tokenizer, max_obs_tokens: observations are cut at this many tokens of the
+        policy's tokenizer, or at 4 characters per token without one.
+    timeout: seconds one request (open a world, run a cell, score) may take before the episode fails
+        and its process is killed; exec_timeout: AppWorld's own limit per cell (SIGALRM, which the
+        episode survives); start_timeout: seconds the pool's one start of AppWorld may take (tried twice).
     """
 
     def __init__(self, size: int, root: str = DEFAULT_ROOT, *, max_interactions: int = 40,
@@ -729,27 +669,143 @@ class EnvPool:
         self.root = os.path.abspath(root)
         self.max_interactions, self.reward, self.prompt = max_interactions, reward, prompt
         self.tokenizer, self.max_obs_tokens = tokenizer, max_obs_tokens
-        # AppWorld's alarm stops an ordinary infinite loop inside the episode, which goes on; only
-        # code SIGALRM cannot interrupt (a long C call) needs our deadline and the kill
-        self.timeout, self.exec_timeout = timeout, max(1, int(min(exec_timeout, timeout - 1)))
-        self.start_timeout = start_timeout
-        self.max_raw_chars = 8 * max_obs_tokens  # the episode cuts huge outputs before they cross the socket
-        self.isolation = None  # what the episodes' processes are kept from (the README's "Isolation")
+        self.timeout, self.start_timeout = timeout, start_timeout
+        self.exec_timeout = max(1, int(min(exec_timeout, timeout - 1)))  # AppWorld's alarm first: the episode goes on
+        self.max_raw_chars = 8 * max_obs_tokens  # huge outputs are cut in the episode, before the socket
+        self.isolation = None  # what the episodes' processes are kept from: known at the first reset
         self._episodes: list[_Episode | None] = [None] * size
-        self._count = 0
-        self._zygote = None
+        self._count, self._zygote = 0, None
         self._start_zygote()
+
+    def __len__(self) -> int:
+        return len(self._episodes)
+
+    def worker_pid(self, slot: int) -> int | None:
+        """The pid of the process running the slot's episode (for tests that kill it)."""
+        episode = self._episodes[slot]
+        return None if episode is None or episode.done else episode.pid
+
+    # ---------------------------------------------------------------------------- the episodes
+    def reset(self, slots: list[int], task_ids: list[str]) -> list[list[dict]]:
+        """Start a task's episode in each slot (ending any still running there); returns each slot's
+        opening chat messages."""
+        self._check(slots, task_ids)
+        for task_id in task_ids:
+            _check_task_id(self.root, task_id)
+        self._end([s for s in slots if self._episodes[s] is not None and not self._episodes[s].done], score=False)
+        replies = self._open(dict(zip(slots, task_ids)))
+        replies.update(self._open({s: t for s, t in zip(slots, task_ids) if _failed(replies[s])}))  # once more
+        messages = []
+        for slot, task_id in zip(slots, task_ids):
+            reply = replies[slot]
+            if _failed(reply):
+                raise RuntimeError(f"Could not open task {task_id} in slot {slot}: "
+                                   f"{reply['error'] if isinstance(reply, dict) else reply}")
+            if self.isolation is None:
+                self.isolation = reply["isolation"]
+                if missing := sorted(set(ISOLATION) - set(self.isolation)):
+                    print(f"EnvPool: agent code runs without: {', '.join(missing)} (this platform does not "
+                          "allow them; see the README's Isolation section)", file=sys.stderr)
+            episode = self._episodes[slot]
+            episode.info = {k: reply[k] for k in ("instruction", "datetime", "supervisor")}
+            messages.append(opening_messages(episode.info, self.prompt))
+        return messages
+
+    def step(self, slots: list[int], texts: list[str]) -> list[StepResult]:
+        """Run each slot's agent message in its world, all in parallel. An episode ends, and is scored,
+        when the agent calls complete_task or at the interaction limit."""
+        self._check(slots, texts, running=True)
+        requests, replies = {}, {}
+        for slot, text in zip(slots, texts):
+            self._episodes[slot].interactions += 1
+            code = extract_code(text)
+            if code is None:
+                replies[slot] = {"output": "No ```python block found in your message: write your code in one.",
+                                 "hidden": 0, "completed": False}
+            else:
+                requests[slot] = {"code": code}
+        replies.update(self._exchange({s: self._episodes[s].conn for s in requests}, requests, self.timeout))
+        results, failed = {}, []
+        for slot in slots:
+            episode, reply = self._episodes[slot], replies[slot]
+            try:
+                output, hidden, completed = str(reply["output"]), int(reply["hidden"]), reply["completed"] is True
+            except (KeyError, TypeError, ValueError):
+                why = reply if isinstance(reply, str) else "its process sent a malformed reply"
+                results[slot] = StepResult(f"The environment failed: {why}", True, info={"env_failed": True, "error": why})
+                failed.append(slot)
+                continue
+            episode.completed = completed
+            done = completed or episode.interactions >= self.max_interactions
+            if done and not completed:
+                output += f"\n[Interaction limit ({self.max_interactions}) reached: the task is scored as it stands.]"
+            results[slot] = StepResult(self._observation(output, hidden, episode.info), done)
+        self._end(failed, score=False)
+        self._score({s: r for s, r in results.items() if r.done and s not in failed})
+        return [results[slot] for slot in slots]
+
+    def score(self, slots: list[int]) -> list[StepResult]:
+        """End each slot's running episode and score its world as it stands (e.g. the agent's context
+        is full)."""
+        self._check(slots, running=True)
+        results = {slot: StepResult("", True) for slot in slots}
+        self._score(results)
+        return [results[slot] for slot in slots]
+
+    def _score(self, results: dict) -> None:
+        """End the episodes of {slot: StepResult} and fill in their rewards from AppWorld's tests."""
+        for slot, evaluation in self._end(list(results), score=True).items():
+            result = results[slot]
+            result.info["completed"] = self._episodes[slot].completed
+            if isinstance(evaluation, str):  # the scorer died or hung: not the agent's doing
+                result.info.update(env_failed=True, error=f"scoring failed: {evaluation}")
+            elif "error" in evaluation:  # the agent's outputs could not be scored: they score 0
+                result.info.update(error=f"the episode's outputs could not be scored: {evaluation['error']}")
+            else:
+                result.success, result.pass_count = evaluation["success"], evaluation["pass_count"]
+                result.num_tests, result.info["failures"] = evaluation["num_tests"], evaluation["failures"]
+                if self.reward == "binary":
+                    result.reward = float(result.success)
+                elif self.reward == "fraction":
+                    result.reward = result.pass_count / max(1, result.num_tests)
+                else:  # progress: only the tests a no-op episode fails count
+                    passed = evaluation["passed_labels"].count("no_op_fail")
+                    total = passed + evaluation["failed_labels"].count("no_op_fail")
+                    result.reward = passed / total if total else float(result.success)
+
+    def _check(self, slots: list[int], per_slot: list | None = None, running: bool = False) -> None:
+        if len(set(slots)) != len(slots) or (per_slot is not None and len(per_slot) != len(slots)):
+            raise ValueError("EnvPool needs distinct slots, and one task id or message per slot.")
+        for slot in slots:
+            if not 0 <= slot < len(self._episodes):
+                raise ValueError(f"No slot {slot}: this pool has slots 0..{len(self._episodes) - 1}.")
+            if running and (self._episodes[slot] is None or self._episodes[slot].done):
+                raise ValueError(f"Slot {slot} has no running episode: call reset first.")
+
+    def _observation(self, output: str, hidden: int, info: dict) -> str:
+        """The output cut at max_obs_tokens (`hidden` characters were cut already), a note saying how
+        much was cut, and the task reminder."""
+        shown = output
+        if self.tokenizer is not None:
+            ids = self.tokenizer.encode(output, add_special_tokens=False)
+            if len(ids) > self.max_obs_tokens:
+                shown = self.tokenizer.decode(ids[: self.max_obs_tokens])
+        elif len(output) > 4 * self.max_obs_tokens:  # about 4 characters per token
+            shown = output[: 4 * self.max_obs_tokens]
+        if hidden or shown is not output:
+            shown += f"\n[... output truncated: {len(output) + hidden - len(shown)} more characters not shown]"
+        return f"{shown.rstrip()}\n\n{reminder(info, self.prompt)}"
 
     # ------------------------------------------------------------------------- the processes
     def _start_zygote(self) -> None:
-        """Start the zygote. A slow start is waited for (start_timeout) and one that dies or misses
-        that deadline is tried again; an error that AppWorld reports is raised at once."""
+        """Start the zygote in a minimal environment; one that dies or misses start_timeout is tried
+        once more, an error that AppWorld reports is raised at once."""
         for attempt in range(2):
             ours, theirs = socket.socketpair()
             command = [sys.executable, "-c", f"import sys; sys.path[0] = {REPO!r}; import appworld_env; "
                                              f"appworld_env._zygote_main({theirs.fileno()}, {self.root!r})"]
-            env = {k: os.environ[k] for k in ENV_KEEP if k in os.environ}
-            process = subprocess.Popen(command, pass_fds=[theirs.fileno()], env=env, cwd=REPO, start_new_session=True)
+            process = subprocess.Popen(command, pass_fds=[theirs.fileno()], cwd=REPO, start_new_session=True,
+                                       env={k: os.environ[k] for k in ENV_KEEP if k in os.environ})
             theirs.close()
             conn = Connection(ours.detach())
             try:
@@ -768,23 +824,6 @@ class EnvPool:
                                    f"{' (tried twice)' if attempt else ''}\nCheck that `python -c 'import appworld'` "
                                    "works and that the data there is complete.")
 
-    def _zygote_request(self, message: dict, fd: int | None = None) -> dict:
-        for attempt in range(2):
-            process, conn = self._zygote
-            try:
-                _send(conn, message)
-                if fd is not None:
-                    send_handle(conn, fd, process.pid)
-                if conn.poll(self.timeout):
-                    return _recv(conn)
-            except (EOFError, OSError):
-                pass
-            if attempt:  # the zygote died or hangs (its episodes died with it): start another
-                break
-            self._stop_zygote(polite=False)
-            self._start_zygote()
-        raise RuntimeError("AppWorld's zygote process failed twice in a row.")
-
     def _stop_zygote(self, polite: bool) -> None:
         process, conn = self._zygote
         try:
@@ -797,14 +836,75 @@ class EnvPool:
         process.wait()
         conn.close()
         self._zygote = None
-        outputs = os.path.join(self.root, "experiments", "outputs")
-        for name in os.listdir(outputs) if os.path.isdir(outputs) else []:  # what it left, if it could not clean up
-            if name.startswith(f"envpool-{process.pid}-"):
-                shutil.rmtree(os.path.join(outputs, name), ignore_errors=True)
+        _remove_outputs(self.root, f"envpool-{process.pid}-")  # what it left, if it could not clean up
+
+    def _ask_zygote(self, message: dict, fork: bool = False):
+        """Send the zygote a request; with `fork`, also one end of a new socket for the process it
+        forks, and return (our end, that process's pid). A zygote that died or hangs is replaced
+        (its episodes died with it) and asked again, once."""
+        ours, theirs = socket.socketpair() if fork else (None, None)
+        try:
+            for attempt in range(2):
+                process, conn = self._zygote
+                try:
+                    _send(conn, message)
+                    if fork:
+                        send_handle(conn, theirs.fileno(), process.pid)
+                    if conn.poll(self.timeout):
+                        reply = _recv(conn)
+                        return (Connection(ours.detach()), reply["pid"]) if fork else reply
+                except (EOFError, OSError):
+                    pass
+                if attempt:
+                    raise RuntimeError("AppWorld's zygote process failed twice in a row.")
+                self._stop_zygote(polite=False)
+                self._start_zygote()
+        finally:
+            if fork:
+                theirs.close()
+
+    def _open(self, tasks: dict) -> dict:
+        """A fresh episode process for each {slot: task_id}; returns {slot: its first reply, or why none}."""
+        for slot, task_id in tasks.items():
+            self._count += 1
+            name = f"envpool-{self._zygote[0].pid}-{self._count}"
+            conn, pid = self._ask_zygote({"op": "episode", "task_id": task_id, "name": name, "exec_timeout":
+                                          self.exec_timeout, "max_raw_chars": self.max_raw_chars}, fork=True)
+            self._episodes[slot] = _Episode(task_id, name, pid, conn)
+        replies = self._exchange({s: self._episodes[s].conn for s in tasks}, {}, self.timeout)
+        self._end([s for s, reply in replies.items() if _failed(reply)], score=False)
+        return replies
+
+    def _end(self, slots: list[int], score: bool) -> dict:
+        """End the slots' episodes (their processes are killed); with `score`, score each as it stands.
+        Returns {slot: AppWorld's evaluation, or why there is none}."""
+        isolation = self.isolation or ()
+        sweep = "own uid" in isolation and "read-only files" not in isolation  # no PID namespace to die with
+        conns, replies = {}, {}
+        for slot in slots:
+            episode = self._episodes[slot]
+            episode.done = True
+            scoring = score and not episode.conn.poll(0)  # readable now: its process died (or says what it was not asked)
+            if score and not scoring:
+                replies[slot] = "its process died before the episode ended"
+            episode.conn.close()
+            message = {"op": "end", "pid": episode.pid, "name": episode.name, "task_id": episode.task_id,
+                       "sweep": sweep, "score": scoring, "timeout": self.timeout}
+            if scoring:
+                conns[slot], episode.pid = self._ask_zygote(message, fork=True)  # the scorer, killed if it hangs
+            else:
+                self._ask_zygote(message)
+        replies.update(self._exchange(conns, {}, self.timeout + 5))
+        for slot, conn in conns.items():
+            conn.close()
+            if not isinstance(replies[slot], dict):
+                self._ask_zygote({"op": "end", "pid": self._episodes[slot].pid, "name": self._episodes[slot].name,
+                                  "score": False})
+        return replies
 
     def _exchange(self, conns: dict, messages: dict, timeout: float) -> dict:
         """Send each slot's message (if any) on its socket, then gather one reply per slot until the
-        deadline. Returns {slot: reply dict, or a string saying why there is none}."""
+        deadline. Returns {slot: the reply, or a string saying why there is none}."""
         replies, pending = {}, {}
         for slot, conn in conns.items():
             try:
@@ -814,10 +914,7 @@ class EnvPool:
             except OSError as error:
                 replies[slot] = f"its process died ({error!r})"
         deadline = time.monotonic() + timeout
-        while pending:
-            ready = wait(list(pending), max(0.0, deadline - time.monotonic()))
-            if not ready:
-                break
+        while pending and (ready := wait(list(pending), max(0.0, deadline - time.monotonic()))):
             for conn in ready:
                 slot = pending.pop(conn)
                 try:
@@ -828,182 +925,6 @@ class EnvPool:
         for slot in pending.values():
             replies[slot] = f"its process did not answer within {timeout:.0f} s; it was killed"
         return replies
-
-    def _end(self, slots: list[int], score: bool) -> dict:
-        """End the slots' episodes (their processes are killed); if `score`, score each as it stands.
-        Returns {slot: evaluation dict, or a string saying why there is none}."""
-        conns, replies = {}, {}
-        for slot in slots:
-            episode = self._episodes[slot]
-            episode.done = True
-            scoring = score and not episode.conn.poll(0)  # readable now: its process died (or says what it was not asked)
-            if score and not scoring:
-                replies[slot] = "its process died before the episode ended"
-            episode.conn.close()
-            ours, theirs = socket.socketpair() if scoring else (None, None)
-            isolation = self.isolation or ()
-            sweep = "own uid" in isolation and "read-only files" not in isolation
-            reply = self._zygote_request({"op": "end", "pid": episode.pid, "name": episode.name, "score": scoring,
-                                          "task_id": episode.task_id, "timeout": self.timeout, "sweep": sweep},
-                                         theirs and theirs.fileno())
-            if scoring:
-                theirs.close()
-                conns[slot] = Connection(ours.detach())
-                episode.pid = reply["pid"]  # the scorer's, to kill if it misses the deadline
-        replies.update(self._exchange(conns, {}, self.timeout + 5))
-        for slot, conn in conns.items():
-            conn.close()
-            if not isinstance(replies[slot], dict):
-                self._zygote_request({"op": "end", "pid": self._episodes[slot].pid, "score": False,
-                                      "name": self._episodes[slot].name})
-        return replies
-
-    def _open(self, tasks: dict) -> dict:
-        """Start a fresh episode process for each {slot: task_id}; returns {slot: its first reply or why not}."""
-        for slot, task_id in tasks.items():
-            ours, theirs = socket.socketpair()
-            self._count += 1
-            name = f"envpool-{self._zygote[0].pid}-{self._count}"
-            reply = self._zygote_request({"op": "episode", "task_id": task_id, "name": name,
-                                          "exec_timeout": self.exec_timeout, "max_raw_chars": self.max_raw_chars},
-                                         theirs.fileno())
-            theirs.close()
-            self._episodes[slot] = _Episode(task_id, {}, name, reply["pid"], Connection(ours.detach()))
-        replies = self._exchange({s: self._episodes[s].conn for s in tasks}, {}, self.timeout)
-        for slot, reply in replies.items():
-            if not isinstance(reply, dict) or "error" in reply:
-                self._end([slot], score=False)
-        return replies
-
-    def worker_pid(self, slot: int) -> int | None:
-        """The pid of the process running the slot's episode (for tests that kill it)."""
-        episode = self._episodes[slot]
-        return None if episode is None or episode.done else episode.pid
-
-    def __len__(self) -> int:
-        return len(self._episodes)
-
-    # ---------------------------------------------------------------------------- the episodes
-    def reset(self, slots: list[int], task_ids: list[str]) -> list[list[dict]]:
-        """Start a task's episode in each slot (ending any still running there); returns each slot's
-        opening chat messages."""
-        if len(slots) != len(task_ids) or len(set(slots)) != len(slots):
-            raise ValueError("reset needs distinct slots and one task id per slot.")
-        for slot, task_id in zip(slots, task_ids):
-            self._check_slot(slot)
-            _check_task_id(self.root, task_id)
-        running = [s for s in slots if self._episodes[s] is not None and not self._episodes[s].done]
-        self._end(running, score=False)
-        replies = self._open(dict(zip(slots, task_ids)))
-        failed = {s: t for s, t in zip(slots, task_ids) if not isinstance(replies[s], dict) or "error" in replies[s]}
-        if failed:  # once more, in fresh processes, before giving up
-            replies.update(self._open(failed))
-        messages = []
-        for slot, task_id in zip(slots, task_ids):
-            reply = replies[slot]
-            if not isinstance(reply, dict) or "error" in reply:
-                raise RuntimeError(f"Could not open task {task_id} in slot {slot}: "
-                                   f"{reply['error'] if isinstance(reply, dict) else reply}")
-            if self.isolation is None:
-                self.isolation = reply["isolation"]
-                missing = sorted(set(ISOLATION) - set(self.isolation))
-                if missing:
-                    print(f"EnvPool: agent code runs without: {', '.join(missing)} (this platform does not "
-                          "allow them; see the README's Isolation section)", file=sys.stderr)
-            episode = self._episodes[slot]
-            episode.info = {k: reply[k] for k in ("instruction", "datetime", "supervisor")}
-            messages.append(opening_messages(episode.info, self.prompt))
-        return messages
-
-    def step(self, slots: list[int], texts: list[str]) -> list[StepResult]:
-        """Run each slot's agent message in its world; all slots in parallel. An episode ends when
-        the agent calls complete_task or at the interaction limit, and is then scored."""
-        if len(slots) != len(texts) or len(set(slots)) != len(slots):
-            raise ValueError("step needs distinct slots and one message per slot.")
-        requests, replies = {}, {}
-        for slot, text in zip(slots, texts):
-            self._running(slot).interactions += 1
-            code = extract_code(text)
-            if code is None:
-                replies[slot] = {"output": "No ```python block found in your message: write your code in one.",
-                                 "hidden": 0, "completed": False}
-            else:
-                requests[slot] = {"code": code}
-        replies.update(self._exchange({s: self._episodes[s].conn for s in requests}, requests, self.timeout))
-        results, failed = {}, []
-        for slot in slots:
-            episode, reply = self._episodes[slot], replies[slot]
-            try:
-                output, hidden, completed = str(reply["output"]), int(reply["hidden"]), reply["completed"] is True
-            except (KeyError, TypeError, ValueError):
-                why = reply if isinstance(reply, str) else "its process sent a malformed reply"
-                results[slot] = StepResult(f"The environment failed: {why}", done=True, info={"env_failed": True, "error": why})
-                failed.append(slot)
-                continue
-            episode.completed = completed
-            done = completed or episode.interactions >= self.max_interactions
-            if done and not completed:
-                output += f"\n[Interaction limit ({self.max_interactions}) reached: the task is scored as it stands.]"
-            results[slot] = StepResult(self._observation(output, episode, hidden), done=done)
-        self._end(failed, score=False)
-        self._score({s: r for s, r in results.items() if r.done and s not in failed})
-        return [results[slot] for slot in slots]
-
-    def score(self, slots: list[int]) -> list[StepResult]:
-        """End each slot's running episode and score its world as it stands (e.g. when the agent's
-        context is full)."""
-        if len(set(slots)) != len(slots):
-            raise ValueError("score needs distinct slots.")
-        results = {slot: StepResult("", done=True) for slot in slots if self._running(slot)}
-        self._score(results)
-        return [results[slot] for slot in slots]
-
-    def _score(self, results: dict) -> None:
-        """End the episodes of {slot: StepResult} and fill in their rewards from AppWorld's tests."""
-        for slot, evaluation in self._end(list(results), score=True).items():
-            result = results[slot]
-            result.info["completed"] = self._episodes[slot].completed
-            if isinstance(evaluation, str):  # the scorer died or hung: not the agent's doing
-                result.info.update(env_failed=True, error=f"scoring failed: {evaluation}")
-            elif "error" in evaluation:  # the agent's outputs could not be scored: they score 0
-                result.info.update(error=f"the episode's outputs could not be scored: {evaluation['error']}")
-            else:
-                result.success, result.pass_count = evaluation["success"], evaluation["pass_count"]
-                result.num_tests = evaluation["num_tests"]
-                if self.reward == "binary":
-                    result.reward = float(result.success)
-                elif self.reward == "fraction":
-                    result.reward = result.pass_count / max(1, result.num_tests)
-                else:  # progress: only the tests a no-op episode fails count
-                    passed = evaluation["passed_labels"].count("no_op_fail")
-                    total = passed + evaluation["failed_labels"].count("no_op_fail")
-                    result.reward = passed / total if total else float(result.success)
-                result.info["failures"] = evaluation["failures"]
-
-    def _running(self, slot: int) -> _Episode:
-        self._check_slot(slot)
-        episode = self._episodes[slot]
-        if episode is None or episode.done:
-            raise ValueError(f"Slot {slot} has no running episode: call reset first.")
-        return episode
-
-    def _check_slot(self, slot: int) -> None:
-        if not 0 <= slot < len(self._episodes):
-            raise ValueError(f"No slot {slot}: this pool has slots 0..{len(self._episodes) - 1}.")
-
-    def _observation(self, output: str, episode: _Episode, hidden: int = 0) -> str:
-        """The output cut at max_obs_tokens (`hidden` characters were cut already), a note saying how
-        much was cut, and the task reminder."""
-        shown = output
-        if self.tokenizer is not None:
-            ids = self.tokenizer.encode(output, add_special_tokens=False)
-            if len(ids) > self.max_obs_tokens:
-                shown = self.tokenizer.decode(ids[: self.max_obs_tokens])
-        elif len(output) > 4 * self.max_obs_tokens:  # about 4 characters per token
-            shown = output[: 4 * self.max_obs_tokens]
-        if hidden or shown is not output:
-            shown += f"\n[... output truncated: {len(output) + hidden - len(shown)} more characters not shown]"
-        return f"{shown.rstrip()}\n\n{reminder(episode.info, self.prompt)}"
 
     def close(self) -> None:
         for episode in self._episodes:
@@ -1019,250 +940,35 @@ class EnvPool:
         self.close()
 
 
-
-# ============================================================================ the mini-world build
-
 def ensure_appworld_installed() -> None:
     """Run `appworld install` if it has not run: it decrypts the apps' code shipped in the wheel
-    (offline, ~3 s). In a subprocess, so that this process never imports appworld."""
+    (offline, a few seconds). In a subprocess, so that this process never imports appworld."""
     import importlib.util
-    import subprocess
     package = os.path.dirname(importlib.util.find_spec("appworld").origin)
     if not os.path.isdir(os.path.join(package, "apps", "spotify")):
         subprocess.run([sys.executable, "-c", "from appworld.install import install_package; install_package()"],
                        check=True)
 
 
-def _fingerprint() -> str:
-    """Cache key of the built world: our task definitions, the builder version, appworld's version."""
-    digest = hashlib.sha256(f"build {BUILD_VERSION}".encode())
-    folder = os.path.join(REPO, "mini_world")
-    for name in sorted(os.listdir(folder)):
-        if name.endswith(".py"):
-            with open(os.path.join(folder, name), "rb") as file:
-                digest.update(name.encode() + file.read())
-    from importlib.metadata import version
-    digest.update(version("appworld").encode())
-    return digest.hexdigest()[:16]
+# ====================================================================================== the CLI
 
-
-def setup_mini_world(root: str = DEFAULT_ROOT, force: bool = False) -> None:
-    """Build the offline mini-world under `<root>/data`, unless it is already built (idempotent).
-
-    Runs in a spawned child process: building uses AppWorld, which freezes its process's clock.
-    Refuses to touch a root that holds other data (e.g. the real AppWorld download).
-    """
-    import fcntl
-    root = os.path.abspath(root)
-    os.makedirs(root, exist_ok=True)
-    ensure_appworld_installed()
-    stamp = os.path.join(root, "data", "mini_world.json")
-    fingerprint = _fingerprint()
-    with open(os.path.join(root, ".mini_world.lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # tests in other processes may build at the same time
-        if os.path.exists(stamp):
-            with open(stamp) as file:
-                if json.load(file).get("fingerprint") == fingerprint and not force:
-                    return
-        elif not is_mini_world(root):
-            raise RuntimeError(f"{root}/data holds data that is not the mini-world (the real AppWorld "
-                               "data?); refusing to overwrite it. Use another --root.")
-        staging = os.path.join(root, ".building")
-        shutil.rmtree(staging, ignore_errors=True)
-        process = mp.get_context("spawn").Process(target=_build_world_and_exit, args=(staging, fingerprint))
-        _start_without_main(process)
-        process.join()
-        if process.exitcode != 0:
-            raise RuntimeError(f"Building the mini-world failed (exit code {process.exitcode}); see above.")
-        shutil.rmtree(os.path.join(root, "data"), ignore_errors=True)
-        os.replace(os.path.join(staging, "data"), os.path.join(root, "data"))
-        shutil.rmtree(staging, ignore_errors=True)
-
-
-def _build_world_and_exit(root: str, fingerprint: str) -> None:
-    # os._exit: the normal interpreter shutdown of a process that built all these in-memory
-    # databases takes longer than the build itself (~40 s measured)
-    try:
-        _build_world(root, fingerprint)
-    except BaseException:
-        import traceback
-        traceback.print_exc()
-        sys.stderr.flush()
-        os._exit(1)
-    sys.stdout.flush()
-    os._exit(0)
-
-
-def _build_world(root: str, fingerprint: str) -> None:
-    """In a child process: API docs, base databases, tasks, splits, then labels from no-op episodes."""
-    started = time.time()
-    os.environ["APPWORLD_ROOT"] = root
-    from appworld.api_docs import prepare_api_docs
-    from appworld.apps import get_all_apps
-    from appworld.apps.api_lib import save_local_dbs, set_local_date_and_time, set_local_dbs, unset_local_date_and_time
-    from appworld.apps.model_lib import CachedDBHandler
-    from appworld.common.constants import CANARY_STRING, DB_VERSION, DEFAULT_SYSTEM_DATETIME
-    from appworld.common.utils import import_models_module
-    from mini_world import world as W
-    from mini_world.scenarios import SCENARIOS
-
-    data = os.path.join(root, "data")
-    apps = get_all_apps()  # with admin
-    M = {app: import_models_module(app) for app in apps}  # each app's SQL models, e.g. M["spotify"].Song
-
-    def save_dbs(memory_path: str, to: str, format: str) -> None:
-        save_local_dbs(from_db_home_path=memory_path, to_db_home_path=to, format=format,
-                       app_names=list(apps), delete_if_exists=True, save_model_hashes=True)
-        CachedDBHandler.reset()
-
-    # 1. API docs, generated from the apps' code (never committed: AppWorld's licence)
-    docs_dir = os.path.join(data, "api_docs", "standard")
-    os.makedirs(docs_dir, exist_ok=True)
-    api_docs = {app: prepare_api_docs(app) for app in get_all_apps(skip_admin=True)}
-    for app, docs in api_docs.items():
-        with open(os.path.join(docs_dir, app + ".json"), "w") as file:
-            json.dump({d["api_name"]: {**d, "canary_string": CANARY_STRING} for d in docs}, file, indent=1)
-
-    # 2. the base world, with the apps' own models; the clock is frozen so timestamps are stable
-    freezer = set_local_date_and_time(DEFAULT_SYSTEM_DATETIME)
-    set_local_dbs(to_db_home_path=":memory:mini_base", app_names=apps, create=True)
-    for docs in api_docs.values():  # the api_docs app answers from its own table
-        for doc in docs:
-            doc = dict(doc)
-            doc["app_name_"] = doc.pop("app_name")
-            M["api_docs"].ApiDoc.create_save(**doc)
-    for i, p in enumerate(W.PEOPLE):  # user ids are i + 1 in every app
-        person = {k: p[k] for k in ("first_name", "last_name", "email", "phone_number", "birthday", "sex")}
-        M["admin"].MainUser.create_save(**person)
-        for app in ("spotify", "venmo", "simple_note", "todoist"):
-            extra = {"venmo_balance": W.VENMO_BALANCE[i]} if app == "venmo" else {}
-            M[app].User.create_save(first_name=p["first_name"], last_name=p["last_name"], email=p["email"],
-                                    password=W.password(i, app), verified=True, **extra)
-        M["phone"].User.create_save(first_name=p["first_name"], last_name=p["last_name"],
-                                    phone_number=p["phone_number"], password=W.password(i, "phone"))
-    for name, genre in W.ARTISTS:
-        M["spotify"].Artist.create_save(name=name, genre=genre)
-    for s, (title, artist, duration) in enumerate(W.SONGS):  # song ids are index + 1
-        M["spotify"].Song.create_save(title=title, artist_ids=[artist + 1], duration=duration,
-                                      release_date=DEFAULT_SYSTEM_DATETIME.subtract(years=1),
-                                      genre=W.ARTISTS[artist][1],
-                                      like_count=sum(s in liked for liked in W.LIKES.values()))
-    for i in range(len(W.PEOPLE)):
-        for s in W.LIBRARY[i]:
-            M["spotify"].UserLibrarySong.create_save(user_id=i + 1, song_id=s + 1)
-        for s in W.LIKES[i]:
-            M["spotify"].SongLike.create_save(user_id=i + 1, song_id=s + 1)
-        for title, content in W.NOTES[i]:
-            M["simple_note"].Note.create_save(user_id=i + 1, title=title, content=content)
-        for j in range(len(W.PEOPLE)):
-            if j != i:
-                M["venmo"].Friendship.create_save(user_id=i + 1, friend_id=j + 1)
-                q = W.PEOPLE[j]
-                M["phone"].Contact.create_save(user_id=i + 1, first_name=q["first_name"], last_name=q["last_name"],
-                                               email=q["email"], phone_number=q["phone_number"],
-                                               relationships=[W.relationship(i, j)])
-        for project, titles in W.PROJECTS.items():
-            pid = M["todoist"].Project.create_save(user_id=i + 1, name=project).id
-            M["todoist"].ProjectCollaboratorLink.create_save(project_id=pid, user_id=i + 1)
-            for k, title in enumerate(titles):
-                M["todoist"].Task.create_save(project_id=pid, user_id=i + 1, title=title, priority="medium",
-                                              order_index=k, is_completed=title in W.TODO_DONE[i])
-    for sender, receiver, amount, description in W.VENMO_PAYMENTS:
-        M["venmo"].Transaction.create_save(sender_id=sender + 1, receiver_id=receiver + 1, amount=amount,
-                                           description=description)
-    for sender, receiver, message in W.TEXTS:
-        text_id = M["phone"].GlobalTextMessage.create_save(sender_id=sender + 1, receiver_id=receiver + 1,
-                                                           message=message).id
-        for user in (sender, receiver):
-            M["phone"].UserTextMessage.create_save(global_text_message_id=text_id, user_id=user + 1)
-    base_dbs = os.path.join(data, "base_dbs")
-    save_dbs(":memory:mini_base", base_dbs, "full")
-
-    # 3. the tasks: database changes over the base, specs, ground truth with our evaluation.py
-    splits = {"train": [], "dev": []}
-    for scenario in SCENARIOS:
-        for n, variant in enumerate(scenario.variants, start=1):
-            task_id = f"{scenario.name}_{n}"
-            splits[scenario.split].append(task_id)
-            i, p = variant["supervisor"], W.PEOPLE[variant["supervisor"]]
-            fields = _template_fields(variant)
-            instruction = string.Template(scenario.instruction).substitute(fields)
-            task_dir = os.path.join(data, "tasks", task_id)
-            memory = f":memory:mini_task_{task_id}"
-            set_local_dbs(to_db_home_path=memory, from_db_home_path=base_dbs, app_names=apps)
-            S = M["supervisor"]
-            supervisor = S.Supervisor.create_save(**{k: p[k] for k in ("first_name", "last_name", "email",
-                                                                      "phone_number", "birthday", "sex")})
-            for app in W.ACCOUNT_APPS:
-                S.AccountPassword.create_save(supervisor_id=supervisor.id, account_name=app, password=W.password(i, app))
-            for name, city in (("Home", p["home"]), ("Work", p["work"])):
-                S.Address.create_save(supervisor_id=supervisor.id, name=name, street_address=f"{10 + i} Harbour Street",
-                                      city=city, state="-", country="-", zip_code=10000 + 1000 * i)
-            S.Task.create_save(supervisor_id=supervisor.id, instruction=instruction)
-            if scenario.setup is not None:
-                scenario.setup(lambda app, model, **kw: getattr(M[app], model).create_save(**{"user_id": i + 1, **kw}),
-                               variant)
-            save_dbs(memory, os.path.join(task_dir, "dbs"), "changes")
-            specs = {"instruction": instruction, "datetime": DEFAULT_SYSTEM_DATETIME.isoformat(),
-                     "supervisor": {k: p[k] for k in ("first_name", "last_name", "email", "phone_number")},
-                     "db_version": DB_VERSION, "canary_string": CANARY_STRING}
-            truth = os.path.join(task_dir, "ground_truth")
-            os.makedirs(truth, exist_ok=True)
-            cells = solution(task_id)
-            code = "\n".join(extract_code(c) for c in cells)
-            # AppWorld's statistics, here counted in the script's text (call sites, not calls made)
-            metadata = {"mode": "minimal", "difficulty": scenario.difficulty, "num_apps": len(scenario.apps),
-                        "num_apis": len(set(re.findall(r"apis\.\w+\.\w+", code))),
-                        "num_api_calls": len(re.findall(r"apis\.\w+\.\w+\(", code)),
-                        "num_solution_code_lines": len(code.splitlines())}
-            private = {**variant, **scenario.private(variant)}
-            files = {"specs.json": specs, "ground_truth/metadata.json": metadata,
-                     "ground_truth/public_data.json": {}, "ground_truth/private_data.json": private,
-                     "ground_truth/answer.json": scenario.answer(variant),
-                     "ground_truth/test_data.json": None}  # labelled below, from a no-op episode
-            for path, content in files.items():
-                with open(os.path.join(task_dir, path), "w") as file:
-                    json.dump(content, file, indent=1)
-            with open(os.path.join(truth, "evaluation.py"), "w") as file:
-                file.write(f"# Canary String: {CANARY_STRING}\n" + scenario.evaluation.lstrip())
-    unset_local_date_and_time(freezer)
-    os.makedirs(os.path.join(data, "datasets"), exist_ok=True)
-    splits["test_normal"] = splits["dev"]  # no separate test set in the mini-world
-    for split, task_ids in splits.items():
-        with open(os.path.join(data, "datasets", split + ".txt"), "w") as file:
-            file.write("\n".join(task_ids) + "\n")
-
-    # 4. label every test as AppWorld does: run a no-op episode (open the world, evaluate it)
-    from appworld import AppWorld
-    for task_id in splits["train"] + splits["dev"]:
-        with AppWorld(task_id=task_id, experiment_name="mini_world_labels") as world:
-            tracker = world.evaluate(suppress_errors=True)
-        labels = [{"requirement": t["requirement"], "label": "no_op_pass"} for t in tracker.passes]
-        labels += [{"requirement": t["requirement"], "label": "no_op_fail"} for t in tracker.failures]
-        if not tracker.failures:
-            raise RuntimeError(f"{task_id}: a no-op episode passes every test; the task checks nothing.")
-        with open(os.path.join(data, "tasks", task_id, "ground_truth", "test_data.json"), "w") as file:
-            json.dump(labels, file, indent=1)
-    shutil.rmtree(os.path.join(root, "experiments"), ignore_errors=True)
-    with open(os.path.join(data, "mini_world.json"), "w") as file:
-        json.dump({"fingerprint": fingerprint, "tasks": splits}, file, indent=1)
-    print(f"mini-world: {len(splits['train'])} train and {len(splits['dev'])} dev tasks built in "
-          f"{time.time() - started:.0f} s", flush=True)
-
-
-def show_episode(task_id: str, root: str = DEFAULT_ROOT, prompt: str = "paper") -> None:
-    """Print a whole episode of a mini-world task played by its scripted solution: what the agent
-    sees, what it writes, and how AppWorld scores it."""
-    with EnvPool(1, root, prompt=prompt) as pool:
-        for message in pool.reset([0], [task_id])[0]:
-            print(f"----- {message['role']}\n{message['content']}")
-        for turn in solution(task_id, root):
-            result = pool.step([0], [turn])[0]
-            print(f"----- assistant\n{turn}\n----- user (observation)\n{result.observation}")
-            if result.done:
-                print(f"----- done: reward {result.reward}, success {result.success}, "
-                      f"{result.pass_count}/{result.num_tests} tests passed")
-                break
+def bench(root: str, slots: int, rounds: int) -> None:
+    """Print what the environment costs: the pool's start, then `rounds` times a reset, a step (one
+    API call) and a score of `slots` episodes at once."""
+    train = load_task_ids("train", root)
+    tasks = [train[i % len(train)] for i in range(slots)]
+    cell, ids, times = '```python\nprint(apis.supervisor.show_profile()["first_name"])\n```', list(range(slots)), {}
+    start = time.perf_counter()
+    with EnvPool(slots, root) as pool:
+        print(f"pool start (the zygote imports AppWorld, opens a world): {time.perf_counter() - start:.2f} s")
+        for _ in range(rounds):
+            for op, call in (("reset", lambda: pool.reset(ids, tasks)), ("step", lambda: pool.step(ids, [cell] * slots)),
+                             ("score", lambda: pool.score(ids))):
+                start = time.perf_counter()
+                call()
+                times.setdefault(op, []).append(time.perf_counter() - start)
+    for op, seconds in times.items():
+        print(f"{op} of {slots} episodes at once, s per round: {' '.join(f'{s:.2f}' for s in seconds)}")
 
 
 def main() -> None:
@@ -1273,18 +979,21 @@ def main() -> None:
     show = commands.add_parser("show", help="print an episode of a task played by its scripted solution")
     show.add_argument("task_id")
     show.add_argument("--prompt", default="paper", choices=tuple(PROMPTS))
-    for command in (setup, show):
+    timing = commands.add_parser("bench", help="time the pool's start and its reset, step and score")
+    timing.add_argument("--slots", type=int, default=4, help="episodes at once")
+    timing.add_argument("--rounds", type=int, default=3)
+    for command in (setup, show, timing):
         command.add_argument("--root", default=DEFAULT_ROOT, help="AppWorld root (its data is in ROOT/data)")
     args = parser.parse_args()
     if args.command == "setup":
         setup_mini_world(args.root, force=args.force)
         print(f"mini-world ready in {os.path.join(os.path.abspath(args.root), 'data')}")
-    else:
+    elif args.command == "show":
+        from mini_world.play import show_episode
         show_episode(args.task_id, args.root, args.prompt)
+    else:
+        bench(args.root, args.slots, args.rounds)
 
 
 if __name__ == "__main__":
-    # Run as the module `appworld_env`, not as `__main__`: spawned children start without the main
-    # module (see _start_without_main) and must find the functions they run by their module's name.
-    import appworld_env
-    appworld_env.main()
+    main()

@@ -233,9 +233,8 @@ import sys
 import time
 
 import appworld_env as env
+from mini_world.play import NO_CODE, play_solutions
 from mini_world.scenarios import SCENARIOS
-
-NO_CODE = "I am not sure what to do."
 
 
 @pytest.fixture(scope="session")
@@ -257,22 +256,8 @@ def pool(world_root):
 
 
 def _play(pool, task_ids, scripts):
-    """Run one episode per task (a list of agent messages each), in waves over the pool's slots;
-    returns the final StepResult of each. A script that ends before `done` is padded with NO_CODE."""
-    finals = []
-    for start in range(0, len(task_ids), len(pool)):
-        ids, todo = task_ids[start:start + len(pool)], scripts[start:start + len(pool)]
-        slots = list(range(len(ids)))
-        pool.reset(slots, ids)
-        last, turn = [None] * len(ids), 0
-        while any(r is None or not r.done for r in last):
-            live = [s for s in slots if last[s] is None or not last[s].done]
-            texts = [todo[s][turn] if turn < len(todo[s]) else NO_CODE for s in live]
-            for s, result in zip(live, pool.step(live, texts)):
-                last[s] = result
-            turn += 1
-        finals += last
-    return finals
+    """The final StepResult of each task's episode: its script played, then NO_CODE turns until done."""
+    return [steps[-1][1] for _, steps in play_solutions(pool, task_ids, scripts)]
 
 
 def _answer(root, task_id):
@@ -305,6 +290,24 @@ def test_env_setup_is_idempotent_and_fast_the_second_time(world_root):
     command = [sys.executable, os.path.join(env.REPO, "appworld_env.py"), "setup"]  # the same, by hand
     done = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and "mini-world ready" in done.stdout, done.stderr
+
+
+def test_env_mini_world_readme_table_is_the_scenarios():
+    from mini_world.scenarios import table
+    with open(os.path.join(env.REPO, "mini_world", "README.md")) as file:
+        assert table() in file.read()
+
+
+def test_env_cli_shows_a_scripted_episode_and_times_the_pool(world_root):
+    run = lambda *a: subprocess.run([sys.executable, os.path.join(env.REPO, "appworld_env.py"), *a],
+                                    capture_output=True, text=True, timeout=300)
+    shown = run("show", "venmopay_2", "--prompt", "short")
+    assert shown.returncode == 0 and shown.stdout.count("----- assistant") == 2, shown.stderr
+    assert shown.stdout.rstrip().endswith("----- done: reward 1.0, success True, 3/3 tests passed")
+    timed = run("bench", "--slots", "2", "--rounds", "2")
+    assert timed.returncode == 0 and timed.stdout.startswith("pool start"), timed.stderr
+    for op in ("reset", "step", "score"):
+        assert re.search(rf"^{op} of 2 episodes at once, s per round: [0-9.]+ [0-9.]+$", timed.stdout, re.M), timed.stdout
 
 
 def test_env_extract_code_joins_python_blocks_and_keeps_an_unclosed_last_one():

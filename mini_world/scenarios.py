@@ -13,9 +13,12 @@ Each scenario gives:
   nothing else changed. The variant's fields are its `private_data`.
 - `setup(add, variant)`: optional extra records for this task only (on top of the base world).
 
+`solution(task_id)` gives a task's scripted turns; `table()` the README's table of scenarios.
+
 Splits: train scenarios teach the skills; dev scenarios are other templates (new fields, apps or
 combinations), so dev success measures generalisation, not memorisation.
 """
+import string
 from dataclasses import dataclass
 from typing import Callable
 
@@ -424,3 +427,40 @@ apis.supervisor.complete_task()
     ),
 ]
 
+
+
+# ------------------------------------------------------------------------------ scripted solutions
+
+def find_variant(task_id: str) -> tuple[Scenario, dict]:
+    """The scenario and variant of a mini-world task id, `<scenario>_<n>`."""
+    name, _, number = task_id.rpartition("_")
+    for scenario in SCENARIOS:
+        if scenario.name == name and number.isdigit() and 1 <= int(number) <= len(scenario.variants):
+            return scenario, scenario.variants[int(number) - 1]
+    raise ValueError(f"{task_id!r} is not a mini-world task (see mini_world/scenarios.py); scripted "
+                     "solutions exist only for those.")
+
+
+def template_fields(variant: dict) -> dict:
+    """What the `$` blanks of an instruction or solution are filled with: the variant's fields and
+    the supervisor's email and phone number."""
+    person = PEOPLE[variant["supervisor"]]
+    return {**variant, "email": person["email"], "phone_number": person["phone_number"]}
+
+
+def solution(task_id: str) -> list[str]:
+    """The scripted correct assistant turns of a mini-world task (one ```python block each)."""
+    scenario, variant = find_variant(task_id)
+    return [string.Template(cell).substitute(template_fields(variant)) for cell in scenario.solution]
+
+
+def table() -> str:
+    """The scenarios as a Markdown table (mini_world/README.md holds it; a test checks it is current)."""
+    rows = ["| tasks | split | difficulty | apps | instruction (first variant) | the scripted solution's steps |",
+            "|---|---|---|---|---|---|"]
+    for s in SCENARIOS:
+        instruction = string.Template(s.instruction).substitute(template_fields(s.variants[0]))
+        steps = " / ".join(cell.split("\n", 1)[0] for cell in solution(f"{s.name}_1"))
+        rows.append(f"| {s.name}_1..{len(s.variants)} | {s.split} | {s.difficulty} | {', '.join(s.apps)} | "
+                    f"{instruction} | {steps} |")
+    return "\n".join(rows)

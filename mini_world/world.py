@@ -1,8 +1,8 @@
 """The people and app content of the offline mini-world (all invented), as plain data.
 
-`appworld_env.setup_mini_world` turns this into AppWorld base databases with the apps' own models;
-`scenarios.py` asks questions about it. Change anything here and the set-up step rebuilds the world
-(it keys its cache on a hash of this folder).
+`build.py` turns this into AppWorld base databases with the apps' own models; `scenarios.py` asks
+questions about it. Change anything here and the set-up step builds the world again (its cache key
+hashes this file).
 """
 
 # Six people; each has an account in every app we use, with its own password. Any of them can be

@@ -1,0 +1,40 @@
+"""Scripted episodes through a real EnvPool: the mini-world's solutions (show_episode, the warm start)
+or any other turns (the tests' no-op and wrong-answer episodes)."""
+from appworld_env import DEFAULT_ROOT, EnvPool, StepResult
+from mini_world.scenarios import solution
+
+NO_CODE = "I am not sure what to do."  # the turn played once a script has run out and its episode goes on
+
+
+def play_solutions(envs, task_ids: list[str], scripts: list[list[str]] | None = None
+                   ) -> list[tuple[list[dict], list[tuple[str, StepResult]]]]:
+    """Play each task's script (by default its scripted solution) through the pool, len(envs) tasks at
+    a time, all live slots stepping together. A script that runs out before its episode ends is
+    followed by NO_CODE turns until it does (complete_task or the interaction limit), so every episode
+    is scored. Returns, per task, its opening messages and the (turn, StepResult) of each step."""
+    scripts = [solution(t) for t in task_ids] if scripts is None else scripts
+    played = []
+    for start in range(0, len(task_ids), len(envs)):
+        chunk, todo = task_ids[start:start + len(envs)], scripts[start:start + len(envs)]
+        slots = list(range(len(chunk)))
+        openings, steps = envs.reset(slots, chunk), [[] for _ in chunk]
+        while slots:
+            texts = [todo[s][len(steps[s])] if len(steps[s]) < len(todo[s]) else NO_CODE for s in slots]
+            for s, text, result in zip(slots, texts, envs.step(slots, texts)):
+                steps[s].append((text, result))
+            slots = [s for s in slots if not steps[s][-1][1].done]
+        played += zip(openings, steps)
+    return played
+
+
+def show_episode(task_id: str, root: str = DEFAULT_ROOT, prompt: str = "paper") -> None:
+    """Print a mini-world task's episode played by its scripted solution: what the agent sees, what it
+    writes, and how AppWorld scores it."""
+    with EnvPool(1, root, prompt=prompt) as pool:
+        [(messages, steps)] = play_solutions(pool, [task_id])
+    for message in messages:
+        print(f"----- {message['role']}\n{message['content']}")
+    for turn, result in steps:
+        print(f"----- assistant\n{turn}\n----- user (observation)\n{result.observation}")
+    print(f"----- done: reward {result.reward}, success {result.success}, "
+          f"{result.pass_count}/{result.num_tests} tests passed")
