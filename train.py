@@ -265,79 +265,86 @@ def by_length(batch: rollout.Batch, rows) -> list[int]:
     return sorted(rows, key=lambda r: lengths[r])
 
 
+def lockstep_plan(batch: rollout.Batch, order: list[int], per_rank: int, micro: int, n_minibatches: int) -> list:
+    """Cut this rank's rows (in `order`) into `n_minibatches` minibatches of `per_rank // micro`
+    micro-batches each, every minibatch sorted by length: per minibatch, a list of (rows, scale).
+
+    Under FSDP every forward/backward pass is a collective, so every rank runs the same numbers of
+    minibatches and micro-batches whatever it holds: where this rank has run out of rows, a
+    micro-batch re-runs row 0 with scale 0 (it adds nothing to the gradient)."""
+    plan = []
+    for i in range(n_minibatches):
+        rows = by_length(batch, order[i * per_rank:(i + 1) * per_rank])
+        micro_batches = [rows[j:j + micro] for j in range(0, per_rank, micro)]
+        plan.append([(mb, 1.0) if mb else ([0], 0.0) for mb in micro_batches])
+    return plan
+
+
 def old_logprobs(model, batch: rollout.Batch, micro_batch: int, temperature: float) -> torch.Tensor:
     """log pi_old of every agent token, recomputed by the training model before the first update
-    (App. D): the sampler's numbers (KV cache, batching) differ slightly from the trainer's.
-    Every rank runs as many forward passes as the busiest one (FSDP's collectives); the extra
-    passes re-score row 0 and are thrown away."""
+    (App. D): the sampler's numbers (KV cache, batching) differ slightly from the trainer's. Every
+    rank runs as many forward passes as the busiest one (FSDP); the extra ones are thrown away."""
     old = torch.zeros_like(batch.sampler_logprobs)  # (B, T-1)
     n_passes = M.max_over_ranks(math.ceil(len(old) / micro_batch))
-    order = by_length(batch, range(len(old)))
+    (passes,) = lockstep_plan(batch, list(range(len(old))), n_passes * micro_batch, micro_batch, 1)
     with torch.no_grad():
-        for i in range(n_passes):
-            rows = order[i * micro_batch:(i + 1) * micro_batch]  # may be empty
-            mb = batch.select(rows if len(rows) else [0])  # padding columns of these rows cut
+        for rows, scale in passes:
+            mb = batch.select(rows)  # padding columns of these rows cut
             logp = M.token_logprobs(model, mb.input_ids, mb.attention_mask, temperature,
                                     positions=mb.agent_mask)  # (b, T_mb-1)
-            if len(rows):
+            if scale:
                 old[rows, :mb.agent_mask.shape[1]] = logp  # (b, T_mb-1)
     return old
 
 
 def ppo_update(model, optimizer, episodes, advantages, spare, args: Args, world_size: int, device) -> dict:
-    """`epochs` passes of clipped PPO over this rank's surviving trajectories (Eq. 10).
+    """`epochs` passes of clipped PPO over this rank's surviving trajectories (Eq. 10), CleanRL's
+    shape: epoch -> shuffled minibatches -> micro-batches (gradient accumulation) -> loss -> step.
 
-    Every rank must run the same number of forward/backward passes (FSDP's collectives): the number
-    of minibatches is agreed over ranks, each minibatch is `per_rank // micro_batch` micro-batches,
-    and a micro-batch with nothing left to train on re-runs a real one with its loss scaled by 0
-    (a rank with no trajectories left runs the `spare` episode, also scaled by 0).
-    Each minibatch's gradient is that of the mean loss over its trajectories on all ranks,
-    whatever the split: every micro-batch divides its sum by (global count / world size), and FSDP
-    averages gradients over ranks (tested in loop.py's split test and by the 2-rank test). With
-    --loss-divisor minibatch the global count is replaced by the constant --minibatch, which changes
-    only a short last minibatch.
+    Each minibatch's gradient is that of the mean loss over its trajectories on all ranks, whatever
+    the split: every micro-batch divides its summed objective by (global count / world size), and
+    FSDP averages gradients over ranks. With --loss-divisor minibatch the global count is the
+    constant --minibatch, which changes only a short last minibatch. A rank whose trajectories were
+    all filtered out trains on the `spare` episode with scale 0, to keep in step (`lockstep_plan`).
     """
     per_rank = args.minibatch // world_size
-    n_micro = per_rank // args.micro_batch
-    n_real = len(episodes)
-    n_minibatches = M.max_over_ranks(math.ceil(n_real / per_rank))
+    counts = M.gather_lists([len(episodes)])  # every rank's number of trajectories
+    n_minibatches = max(math.ceil(n / per_rank) for n in counts)  # the busiest rank's
+    # trajectories in minibatch i over all ranks: what its summed objective is divided by
+    divisors = [args.minibatch if args.loss_divisor == "minibatch" else
+                max(sum(min(max(n - i * per_rank, 0), per_rank) for n in counts), 1) for i in range(n_minibatches)]
     stats = dict(approx_kl=0.0, clip_frac=0.0, grad_norm=0.0, skipped_steps=0, optimizer_steps=0, trained_tokens=0.0)
     if n_minibatches == 0:  # every group on every rank was filtered: nothing to learn this iteration
         return stats
-    if n_real == 0:
-        episodes, advantages = [spare], [0.0]
-    batch = rollout.collate(episodes, model_pad_id(model)).to(device)
+    n_real = len(episodes)
+    batch = rollout.collate(episodes or [spare], model_pad_id(model)).to(device)
+    adv = torch.tensor(advantages or [0.0], dtype=torch.float32, device=device)  # (B,)
     old = old_logprobs(model, batch, args.micro_batch, args.temperature)  # (B, T-1)
-    adv = torch.tensor(advantages, dtype=torch.float32, device=device)  # (B,)
     params = [p for p in model.parameters() if p.requires_grad]
     for epoch in range(args.epochs):
         order = torch.randperm(n_real).tolist()  # trajectories of all this rank's tasks, mixed
-        for i in range(n_minibatches):
-            rows = by_length(batch, order[i * per_rank:(i + 1) * per_rank])  # same minibatch, less padding
-            n_global = M.sum_over_ranks(len(rows)) if args.loss_divisor == "count" else args.minibatch
-            for j in range(n_micro):
-                micro, scale = rows[j * args.micro_batch:(j + 1) * args.micro_batch], 1.0
-                if not micro:  # keep in step with the other ranks, contribute nothing
-                    micro, scale = [0], 0.0
-                mb = batch.select(micro)
-                old_mb = old[micro, :mb.agent_mask.shape[1]]  # (b, T_mb-1)
+        plan = lockstep_plan(batch, order, per_rank, args.micro_batch, n_minibatches)
+        for micro_batches, divisor in zip(plan, divisors):
+            for rows, scale in micro_batches:
+                mb = batch.select(rows)
                 logp = M.token_logprobs(model, mb.input_ids, mb.attention_mask, args.temperature,
                                         positions=mb.agent_mask)  # (b, T_mb-1), 0 off the agent's tokens
-                loss, s = loop_loss(logp, old_mb, adv[micro], mb.agent_mask, eps=args.eps, level=args.level,
-                                    clip=args.clip, turn_ids=mb.turn_ids, num_trajectories=max(n_global, 1) / world_size)
+                loss, s = loop_loss(logp, old[rows, :mb.agent_mask.shape[1]], adv[rows], mb.agent_mask, eps=args.eps,
+                                    level=args.level, clip=args.clip, turn_ids=mb.turn_ids,
+                                    num_trajectories=divisor / world_size)
                 (loss * scale).backward()
-                if scale:
+                if scale:  # a real micro-batch, not a lock-step re-run
                     tokens = s.agent_tokens.item()
                     stats["trained_tokens"] += tokens
                     stats["approx_kl"] += s.approx_kl.item() * tokens
                     stats["clip_frac"] += s.clip_frac.item() * tokens
             grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
             grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
-            if math.isfinite(grad_norm):
+            if math.isfinite(grad_norm):  # the norm is global, so every rank takes the same branch
                 optimizer.step()
                 stats["grad_norm"] += grad_norm
                 stats["optimizer_steps"] += 1
-            else:  # a non-finite loss or gradient (same on every rank: the norm is global): skip the step
+            else:  # a non-finite loss or gradient: skip the step
                 stats["skipped_steps"] += 1
             optimizer.zero_grad(set_to_none=True)
     tokens = max(stats["trained_tokens"], 1)
