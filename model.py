@@ -208,9 +208,6 @@ class LoRALinear(nn.Module):
         _, a, b = self._cast
         return self.base(x) + (x @ a.T @ b.T) * self.scale
 
-    def merged_weight(self):
-        return self.base.weight + self.scale * (self.lora_B @ self.lora_A)  # (out, in)
-
 
 def add_lora(model, r=16, alpha=32, targets=LORA_TARGETS):
     """Wrap every nn.Linear attribute named one of `targets` and freeze all other parameters.
@@ -225,17 +222,6 @@ def add_lora(model, r=16, alpha=32, targets=LORA_TARGETS):
                 wrapped += 1
     if wrapped == 0:
         raise ValueError(f"add_lora: no nn.Linear named any of {targets} in {type(model).__name__}")
-
-
-@torch.no_grad()
-def merge_lora(model):
-    """Fold every LoRA update into its base weight and put the plain nn.Linear back. Not for a
-    sharded model: `save` merges into a gathered state dict instead."""
-    for module in list(model.modules()):
-        for child_name, child in list(module.named_children()):
-            if isinstance(child, LoRALinear):
-                child.base.weight.copy_(child.merged_weight())
-                setattr(module, child_name, child.base)
 
 
 # ---------------------------------------------------------------------------------- collectives
@@ -408,32 +394,25 @@ def token_logprobs(model, input_ids, attention_mask, temperature=1.0, chunk_size
 # --------------------------------------------------------------------------------- save / load
 
 
-def _full_state_dict(model, all_ranks=False):
-    """Every parameter and buffer as full tensors. Under FSDP a collective (all ranks must call it):
-    rank 0 gets them on the CPU and the others {}, or with all_ranks every rank gets them on its
-    device. Unsharded: a plain state_dict on the CPU."""
+def export_state_dict(model):
+    """The full state dict under the base model's parameter names, each LoRA update merged into its
+    weight (W + alpha/r * B A): what `from_pretrained` expects; the live model is left untouched.
+    Under FSDP a collective (every rank calls it): rank 0 gets the tensors on the CPU, the others {}."""
     if distributed():
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-        options = StateDictOptions(full_state_dict=True, cpu_offload=not all_ranks)
-        return {k: v.detach() for k, v in get_model_state_dict(model, options=options).items()}
-    return {k: v.detach().cpu() for k, v in model.state_dict().items()}
-
-
-def export_state_dict(model, all_ranks=False):
-    """The full state dict under the base model's parameter names, each LoRA update merged into its
-    weight: what `from_pretrained` expects. The live model is left untouched. Under FSDP only rank
-    0 gets it, unless all_ranks (see _full_state_dict)."""
-    sd = _full_state_dict(model, all_ranks)
+        sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    else:
+        sd = {k: v.cpu() for k, v in model.state_dict().items()}
     out = {}
     for key, value in sd.items():
         if ".lora_A" in key or ".lora_B" in key:
             continue
-        if key.endswith(".base.weight") and key[: -len("base.weight")] + "lora_A" in sd:
-            prefix = key[: -len("base.weight")]
+        prefix = key[: -len("base.weight")]
+        if key.endswith(".base.weight") and prefix + "lora_A" in sd:
             scale = model.get_submodule(prefix[:-1]).scale
             value = value + scale * (sd[prefix + "lora_B"].float() @ sd[prefix + "lora_A"].float()).to(value.dtype)
-        out[key.replace(".base.", ".")] = value
+        out[key.replace(".base.", ".")] = value.detach()
     return out
 
 
@@ -449,7 +428,8 @@ def save(model, tokenizer, path):
 
 def _plain_model(config, state):
     """A fresh, unwrapped HF model of `config` holding `state` (an export_state_dict), so its
-    names and classes are HF's own: no LoRA wrappers, no FSDP."""
+    names and classes are HF's own: no LoRA wrappers, no FSDP. Built on the meta device, so only for
+    saving: buffers that are not saved (e.g. rotary frequencies) hold no data."""
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
@@ -461,24 +441,3 @@ def _plain_model(config, state):
                          f"or lacks {sorted(set(result.missing_keys) - tied)[:5]}")
     plain.tie_weights()
     return plain
-
-
-def trainable_state_dict(model):
-    """Only the parameters being trained (LoRA A/B, or all of them for full fine-tuning), as full
-    CPU tensors: what resuming needs besides the base checkpoint and the optimizer state."""
-    names = {n for n, p in model.named_parameters() if p.requires_grad}
-    return {k: v for k, v in _full_state_dict(model).items() if k in names}
-
-
-def load_trainable_state_dict(model, state):
-    """Inverse of `trainable_state_dict` (every rank passes the same full tensors under FSDP)."""
-    names = {n for n, p in model.named_parameters() if p.requires_grad}
-    if set(state) != names:
-        raise ValueError(f"trainable state mismatch: missing {sorted(names - set(state))[:5]}, "
-                         f"unexpected {sorted(set(state) - names)[:5]}")
-    if distributed():
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-
-        set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, strict=False))
-    else:
-        model.load_state_dict(state, strict=False)

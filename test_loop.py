@@ -6,6 +6,8 @@ with no internet: a tiny random model with SmolLM2's tokenizer, and the offline 
 """
 import dataclasses
 
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
 import torch
 
 torch.set_num_threads(1)  # with the other core busy (an env process), 2 threads slow torch down badly
@@ -799,8 +801,8 @@ def test_model_token_logprobs_reject_mismatched_shapes():
         model.token_logprobs(m, torch.ones(2, 5, dtype=torch.long), torch.ones(2, 4, dtype=torch.long))
 
 
-def test_model_lora_starts_at_base_trains_only_adapters_and_merges():
-    m, _ = _tiny()
+def test_model_lora_starts_at_base_trains_only_adapters_and_merges(tmp_path):
+    m, tok = _tiny()
     ids, mask = _padded_batch()
     with torch.no_grad():
         base = m(input_ids=ids, attention_mask=mask).logits  # (B, T, V)
@@ -821,10 +823,11 @@ def test_model_lora_starts_at_base_trains_only_adapters_and_merges():
     assert not torch.allclose(adapted, base, atol=1e-2)
     exported = model.export_state_dict(m)
     assert set(exported) == base_names
-    model.merge_lora(m)
-    assert not any(isinstance(x, model.LoRALinear) for x in m.modules())
+    model.save(m, tok, tmp_path)  # the merge: what from_pretrained gets
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert not any(isinstance(x, model.LoRALinear) for x in merged.modules())
     with torch.no_grad():
-        torch.testing.assert_close(m(input_ids=ids, attention_mask=mask).logits, adapted, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(merged(input_ids=ids, attention_mask=mask).logits, adapted, atol=1e-4, rtol=1e-4)
 
 
 def test_model_gradient_checkpointing_gives_the_same_gradients_and_recomputes():
@@ -845,7 +848,7 @@ def test_model_gradient_checkpointing_gives_the_same_gradients_and_recomputes():
         torch.testing.assert_close(grads[0][n], grads[1][n], atol=1e-6, rtol=1e-5, msg=n)
 
 
-def test_model_save_gives_a_from_pretrained_checkpoint_and_trainable_state_round_trips(tmp_path):
+def test_model_save_gives_a_from_pretrained_checkpoint(tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     m, tok = _tiny()
@@ -866,14 +869,6 @@ def test_model_save_gives_a_from_pretrained_checkpoint_and_trainable_state_round
     assert tok2.padding_side == "left" and tok2.pad_token_id == 2
     with torch.no_grad():
         torch.testing.assert_close(again(input_ids=ids, attention_mask=mask).logits, adapted, atol=1e-4, rtol=1e-4)
-    state = model.trainable_state_dict(m)
-    fresh, _ = _tiny(seed=0)
-    model.add_lora(fresh)  # fresh adapters: B = 0
-    model.load_trainable_state_dict(fresh, state)
-    with torch.no_grad():
-        torch.testing.assert_close(fresh(input_ids=ids, attention_mask=mask).logits, adapted)
-    with pytest.raises(ValueError, match="missing"):
-        model.load_trainable_state_dict(fresh, {})
 
 
 def test_model_missing_default_package_says_how_to_get_it(monkeypatch, tmp_path):
@@ -1227,8 +1222,7 @@ def _fsdp_rollout_worker():
     path = os.environ["LOOP_TEST_EXPORT"]
     model.save(m, tok, path)  # a collective: both ranks call it, rank 0 writes
     dist.barrier()
-    if rank == 0:
-        model.merge_lora(reference)
+    if rank == 0:  # the export, merged under FSDP, computes what the unsharded LoRA model does
         reloaded = AutoModelForCausalLM.from_pretrained(path)
         with torch.no_grad():
             want = reference(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
@@ -1348,6 +1342,29 @@ def test_train_resume_continues_exactly(tmp_path):
     assert c["iteration"] == 5 and group["lr"] == 0 and group["eps"] == 1e-3
     for key in b["model"]:
         assert torch.equal(b["model"][key], c["model"][key]), key
+
+
+def test_train_checkpoint_restores_the_trainable_weights_and_refuses_another_model(tmp_path):
+    m, _ = _tiny()
+    model.add_lora(m)
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if ".lora_B" in n:
+                p.normal_(0, 0.1)
+    ids, mask = _padded_batch()
+    with torch.no_grad():
+        adapted = m(input_ids=ids, attention_mask=mask).logits  # (B, T, V)
+    opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad])
+    train.save_checkpoint(tmp_path / "checkpoint.pt", m, opt, train.Args(), 3, master=True, best=(0.5, 0.25))
+    fresh, _ = _tiny(seed=0)
+    model.add_lora(fresh)  # fresh adapters: B = 0
+    assert train.load_checkpoint(tmp_path / "checkpoint.pt", fresh, torch.optim.AdamW(
+        [p for p in fresh.parameters() if p.requires_grad])) == (3, (0.5, 0.25))
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(input_ids=ids, attention_mask=mask).logits, adapted)
+    full, _ = _tiny(seed=0)  # full fine-tuning: its trainable weights are not the adapters
+    with pytest.raises(ValueError, match="missing"):
+        train.load_checkpoint(tmp_path / "checkpoint.pt", full, torch.optim.AdamW(full.parameters()))
 
 
 def test_train_a_killed_worker_fails_its_episode_and_the_iteration_completes(tmp_path, pool, world_root):
@@ -1869,7 +1886,8 @@ def test_cuda_one_rank_torchrun_trains_on_nccl_with_fsdp2_mixed_precision_resume
     torch.manual_seed(0)
     ref, _ = model.load(tiny=True, device="cuda")  # the worker's initial weights (seed 0, rank 0)
     model.add_lora(ref)
-    model.load_trainable_state_dict(ref, {k: v for k, v in second["model"].items() if ".lora_" in k})  # (tied lm_head too)
+    missing, unexpected = ref.load_state_dict(second["model"], strict=False)  # the adapters; the base is frozen
+    assert not unexpected and not {n for n, p in ref.named_parameters() if p.requires_grad} & set(missing)
     want = model.export_state_dict(ref)
     got = AutoModelForCausalLM.from_pretrained(out / "final").state_dict()
     for k, v in want.items():

@@ -448,6 +448,10 @@ def load_checkpoint(path: Path, model, optimizer) -> tuple[int, tuple | None]:
     a saved state dict carries the old lr and eps, and `--resume --lr 0` must mean lr 0."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
     ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    if set(ckpt["model"]) != trainable:  # e.g. another --lora-rank: the model would silently start afresh
+        raise ValueError(f"{path} does not hold this model's trainable weights: missing "
+                         f"{sorted(trainable - set(ckpt['model']))[:5]}, unexpected {sorted(set(ckpt['model']) - trainable)[:5]}")
     flags = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]  # lr, eps, ...
     set_state_dict(model, optimizer, model_state_dict=ckpt["model"], optim_state_dict=ckpt["optimizer"],
                    options=StateDictOptions(full_state_dict=True, strict=False))
