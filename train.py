@@ -2,7 +2,7 @@
 
 The paper's run (Chen et al. 2025, arXiv 2502.01600), real AppWorld data, one 8-GPU node:
     APPWORLD_ROOT=/path/with/data torchrun --nproc_per_node 8 train.py --model Qwen/Qwen2.5-32B-Instruct
-The offline default (the mini-world, SmolLM2-135M, a CPU; 32-37 min on 2 cores with AMX or AVX512-BF16):
+The offline default (the mini-world, SmolLM2-135M, a CPU; its results are in RESULTS.md):
     python train.py
 Evaluation only; the paper's protocol (the best checkpoint on dev, mean +- std over 5 runs on test):
     python train.py --eval-only --checkpoint runs/loop/best --split test_normal --eval-runs 5
