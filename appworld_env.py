@@ -465,9 +465,8 @@ def _episode_main(fd: int, root: str, request: dict) -> None:
 
 
 def _confine(root: str, task_id: str, name: str) -> list[str] | None:
-    """Take from this process what agent code must not have, as far as the platform allows; returns
-    what was taken (see ISOLATION). Forks once: the parent only waits for the confined child, and
-    gets None."""
+    """Take from this process what agent code must not have, as far as the platform allows; returns what was
+    taken (see ISOLATION). Forks once: the parent only waits for the confined child, and gets None."""
     import ctypes
     import resource
     libc = ctypes.CDLL(None, use_errno=True)
@@ -586,9 +585,8 @@ def _score_main(fd: int, root: str, request: dict) -> None:
 
 
 def _copy_outputs(folder: str, task_id: str, target: str) -> None:
-    """Copy an episode's output databases, checking them on the way: no links, only AppWorld's files,
-    only SQL statements that change a database (not ATTACH, VACUUM INTO, ..., which reach files).
-    What is scored is the bytes that were checked."""
+    """Copy an episode's output databases, checking them on the way (what is scored is the bytes checked): no
+    links, only AppWorld's files, only SQL statements that change a database (not ATTACH, ..., which reach files)."""
     fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
     for part in ("tasks", task_id, "dbs"):
         fd = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
@@ -632,11 +630,9 @@ class _Episode:
 
 
 class EnvPool:
-    """`size` episode slots, each episode in a fresh process of its own.
-
-    `reset`, `step` and `score` take lists of slots and serve them in parallel. Whatever the agent's
-    code is or does is an observation; an episode whose process dies or misses its deadline ends with
-    reward 0 and info["env_failed"].
+    """`size` episode slots, each episode in a fresh process of its own; `reset`, `step` and `score` serve
+    lists of slots in parallel. Whatever the agent's code is or does is an observation; an episode whose
+    process dies or misses its deadline ends with reward 0 and info["env_failed"].
 
     reward: "fraction" of the task's unit tests that pass (the paper's); "binary", 1 if all pass;
         "progress", the fraction among the tests a no-op episode fails (AppWorld's "no_op_fail"
@@ -681,12 +677,13 @@ class EnvPool:
 
     # ---------------------------------------------------------------------------- the episodes
     def reset(self, slots: list[int], task_ids: list[str]) -> list[list[dict]]:
-        """Start a task's episode in each slot (ending any still running there); returns each slot's
-        opening chat messages."""
+        """Start a task's episode in each slot (ending any still running there); returns the opening messages."""
         self._check(slots, task_ids)
         for task_id in task_ids:
             _check_task_id(self.root, task_id)
-        self._kill([s for s in slots if self._episodes[s] is not None and not self._episodes[s].done])
+        for slot in slots:
+            if self._episodes[slot] is not None and not self._episodes[slot].done:
+                self._end(slot)
         replies = self._open(dict(zip(slots, task_ids)))
         replies.update(self._open({s: t for s, t in zip(slots, task_ids) if _failed(replies[s])}))  # once more
         messages = []
@@ -706,8 +703,8 @@ class EnvPool:
         return messages
 
     def step(self, slots: list[int], texts: list[str]) -> list[StepResult]:
-        """Run each slot's agent message in its world, all in parallel. An episode ends, and is scored,
-        when the agent calls complete_task or at the interaction limit."""
+        """Run each slot's agent message in its world; at complete_task or the interaction limit, its episode
+        ends and is scored."""
         self._check(slots, texts, running=True)
         requests, replies = {}, {}
         for slot, text in zip(slots, texts):
@@ -727,7 +724,8 @@ class EnvPool:
             except (KeyError, TypeError, ValueError):
                 why = reply if isinstance(reply, str) else "its process sent a malformed reply"
                 results[slot] = StepResult(f"The environment failed: {why}", True, info={"env_failed": True, "error": why})
-                self._kill([] if episode.done else [slot])
+                if not episode.done:  # a reply that is a dict but not a step's
+                    self._end(slot)
                 continue
             episode.completed = completed
             done = completed or episode.interactions >= self.max_interactions
@@ -738,29 +736,23 @@ class EnvPool:
         return [results[slot] for slot in slots]
 
     def score(self, slots: list[int]) -> list[StepResult]:
-        """End each slot's running episode and score its world as it stands (e.g. the agent's context
-        is full)."""
+        """End each slot's running episode and score its world as it stands (e.g. the agent's context is full)."""
         self._check(slots, running=True)
         results = {slot: StepResult("", True) for slot in slots}
         self._score(results)
         return [results[slot] for slot in slots]
 
     def _score(self, results: dict) -> None:
-        """End the episodes of {slot: StepResult}, each scored as it stands by a fresh process once its own
-        is killed, and fill in the rewards from AppWorld's tests."""
+        """End the episodes of {slot: StepResult}, each scored by a fresh process, and fill in the rewards."""
         for slot in results:
             episode = self._episodes[slot]
             results[slot].info["completed"] = episode.completed
             if episode.conn.poll(0):  # readable now: its process died (or says what it was not asked)
                 results[slot].info.update(env_failed=True, error="scoring failed: its process died before the "
                                                                  "episode ended")
-                self._kill([slot])
+                self._end(slot)
                 continue
-            episode.conn.close()
-            episode.conn, episode.pid = self._ask_zygote({"op": "end", "pid": episode.pid, "name": episode.name,
-                                                          "task_id": episode.task_id, "sweep": self._sweep(),
-                                                          "score": True, "timeout": self.timeout}, fork=True)
-            episode.done = True
+            episode.conn, episode.pid = self._end(slot, score=True)
         scored = [slot for slot in results if not results[slot].info.get("env_failed")]
         for slot, evaluation in self._exchange(dict.fromkeys(scored), self.timeout + 5).items():
             self._episodes[slot].conn.close()
@@ -791,8 +783,7 @@ class EnvPool:
                 raise ValueError(f"Slot {slot} has no running episode: call reset first.")
 
     def _observation(self, output: str, hidden: int, info: dict) -> str:
-        """The output cut at max_obs_tokens (`hidden` characters were cut already), a note saying how
-        much was cut, and the task reminder."""
+        """The output cut at max_obs_tokens (`hidden` characters were cut already), a note of it, the reminder."""
         shown = output
         if self.tokenizer is not None:
             ids = self.tokenizer.encode(output, add_special_tokens=False)
@@ -806,8 +797,7 @@ class EnvPool:
 
     # ------------------------------------------------------------------------- the processes
     def _start_zygote(self) -> None:
-        """Start the zygote in a minimal environment; one that dies or misses start_timeout is tried
-        once more, an error that AppWorld reports is raised at once."""
+        """Start the zygote in a minimal environment; one that dies or misses start_timeout is tried once more."""
         for attempt in range(2):
             ours, theirs = socket.socketpair()
             command = [sys.executable, "-c", f"import sys; sys.path[0] = {REPO!r}; import appworld_env; "
@@ -847,9 +837,8 @@ class EnvPool:
         _remove_outputs(self.root, f"envpool-{process.pid}-")  # what it left, if it could not clean up
 
     def _ask_zygote(self, message: dict, fork: bool = False):
-        """Send the zygote a request; with `fork`, also one end of a new socket for the process it
-        forks, and return (our end, that process's pid). A zygote that died or hangs is replaced
-        (its episodes died with it) and asked again, once."""
+        """Send the zygote a request; with `fork`, also a socket for the process it forks: returns (our end, its pid).
+        A zygote that died or hangs is replaced (its episodes died with it) and asked again, once."""
         ours, theirs = socket.socketpair() if fork else (None, None)
         try:
             for attempt in range(2):
@@ -881,24 +870,20 @@ class EnvPool:
             self._episodes[slot] = _Episode(task_id, name, pid, conn)
         return self._exchange(dict.fromkeys(tasks), self.timeout)
 
-    def _sweep(self) -> bool:
-        """Whether an episode's processes must be killed by uid: it has one of its own but no PID namespace."""
+    def _end(self, slot: int, score: bool = False):
+        """End the slot's episode (or its scoring): kill its process, then delete its outputs, or with
+        `score` have a fresh process score them, and return (a socket to it, its pid)."""
+        episode = self._episodes[slot]
+        episode.done = True
+        episode.conn.close()
         isolation = self.isolation or ()
-        return "own uid" in isolation and "read-only files" not in isolation
-
-    def _kill(self, slots: list[int]) -> None:
-        """End the slots' episodes unscored (or their scoring): kill the process, delete the outputs."""
-        for slot in slots:
-            episode = self._episodes[slot]
-            episode.done = True
-            episode.conn.close()
-            self._ask_zygote({"op": "end", "pid": episode.pid, "name": episode.name, "sweep": self._sweep(),
-                              "score": False})
+        sweep = "own uid" in isolation and "read-only files" not in isolation  # no PID namespace to die with
+        return self._ask_zygote({"op": "end", "pid": episode.pid, "name": episode.name, "task_id": episode.task_id,
+                                 "sweep": sweep, "score": score, "timeout": self.timeout}, fork=score)
 
     def _exchange(self, messages: dict, timeout: float) -> dict:
-        """Send each slot's message (None: none) to its process, then gather one reply per slot until
-        the deadline. Returns {slot: the reply, or a string saying why there is none}; a process that
-        sent none, or an error, is killed."""
+        """Send {slot: message (or None)} to the slots' processes and gather their replies until the deadline:
+        {slot: the reply, or a string saying why there is none}. A process that sent none, or an error, is killed."""
         replies, pending = {}, {}
         for slot, message in messages.items():
             conn = self._episodes[slot].conn
@@ -919,7 +904,9 @@ class EnvPool:
                     replies[slot] = f"its process died ({error!r})"
         for slot in pending.values():
             replies[slot] = f"its process did not answer within {timeout:.0f} s; it was killed"
-        self._kill([slot for slot, reply in replies.items() if _failed(reply)])
+        for slot, reply in replies.items():
+            if _failed(reply):
+                self._end(slot)
         return replies
 
     def close(self) -> None:
