@@ -299,7 +299,6 @@ def run_cell(world, code: str) -> str:
 
 
 # ======================================================================== episodes in processes
-#
 # AppWorld freezes its process's clock (freezegun), times cells out with SIGALRM (main thread only), allows
 # one open world per process and runs the agent's code in that process: so the trainer never imports it. A
 # pool starts one trusted "zygote" process, which imports AppWorld and opens a world once so that later ones
@@ -744,16 +743,15 @@ class EnvPool:
 
     def _score(self, results: dict) -> None:
         """End the episodes of {slot: StepResult}, each scored by a fresh process, and fill in the rewards."""
-        for slot in results:
+        for slot, result in results.items():
             episode = self._episodes[slot]
-            results[slot].info["completed"] = episode.completed
+            result.info["completed"] = episode.completed
             if episode.conn.poll(0):  # readable now: its process died (or says what it was not asked)
-                results[slot].info.update(env_failed=True, error="scoring failed: its process died before the "
-                                                                 "episode ended")
+                result.info.update(env_failed=True, error="scoring failed: its process died before the episode ended")
                 self._end(slot)
-                continue
-            episode.conn, episode.pid = self._end(slot, score=True)
-        scored = [slot for slot in results if not results[slot].info.get("env_failed")]
+            else:  # the scorer, killed if it hangs
+                episode.conn, episode.pid = self._end(slot, score=True)
+        scored = [slot for slot, result in results.items() if not result.info.get("env_failed")]
         for slot, evaluation in self._exchange(dict.fromkeys(scored), self.timeout + 5).items():
             self._episodes[slot].conn.close()
             result = results[slot]
