@@ -5,14 +5,12 @@ which runs every episode in a fresh confined process.
     python appworld_env.py show likesong_1 [--prompt short]  # print an episode of a scripted solution
     python appworld_env.py bench [--slots 4] [--rounds 3]    # time the pool's start, reset, step, score
 
-One code path, the real AppWorld engine (never a mock), for two settings: the mini-world (default;
-48 tasks of our own, built under <repo>/appworld_root) and the real AppWorld data
-(`appworld download data --root DIR`, then APPWORLD_ROOT=DIR).
-
-An episode: `reset` gives the opening chat messages; each `step` runs the ```python blocks of the
-agent's message in the task's world and returns what they printed (cut) plus a task reminder. It
-ends when the agent calls `apis.supervisor.complete_task(...)`, at the interaction limit, or when the
-trainer calls `score` (its context is full); AppWorld's own unit tests for the task give the reward.
+The real AppWorld engine (never a mock) runs either the mini-world (default: 48 tasks of our own, built
+under <repo>/appworld_root) or the real AppWorld data (`appworld download data --root DIR`, then
+APPWORLD_ROOT=DIR). An episode: `reset` gives the opening chat messages; each `step` runs the ```python
+blocks of the agent's message and returns what they printed (cut) plus a task reminder. It ends when the
+agent calls `apis.supervisor.complete_task(...)`, at the interaction limit, or when the trainer calls
+`score` (its context is full); AppWorld's own unit tests for the task give the reward.
 """
 import argparse
 import json
@@ -93,8 +91,7 @@ def task_metrics(task_ids: list[str], successes: list[bool]) -> dict:
             "sgc": sum(all(s) for s in by_scenario.values()) / len(by_scenario)}
 
 
-# The mini-world's own (mini_world/), importable from here too; imported when called, because
-# mini_world imports this module.
+# The mini-world's (mini_world/), imported when called because mini_world imports this module.
 def setup_mini_world(root: str = DEFAULT_ROOT, force: bool = False) -> None:
     from mini_world.build import setup_mini_world
     setup_mini_world(root, force)
@@ -115,10 +112,9 @@ def solution(task_id: str, root: str = DEFAULT_ROOT) -> list[str]:
 SYSTEM_PROMPT = ("You are an autonomous agent. You complete a person's task by writing Python code "
                  "that calls the APIs of their apps, one small step at a time.")
 
-# --prompt paper: the structure of the paper's prompt (App. D), in our own words: ReAct instructions,
-# one worked demonstration as real assistant / user turns, then the task block, which is appended
-# again after every observation. The instructions give no hint the paper's prompt does not give
-# (how to log in, page sizes): finding those out from the API docs is part of each task.
+# --prompt paper: the structure of the paper's prompt (App. D), in our own words: ReAct instructions, one worked
+# demonstration as real assistant / user turns, then the task block, appended again after every observation. It
+# gives no hint the paper's prompt does not (how to log in, page sizes): finding those out is part of each task.
 REACT_INSTRUCTIONS = '''I am your supervisor. Do my task below on your own, through the APIs of my apps (spotify, venmo, gmail, ...) in a Python shell. We take turns: you write a short thought and one ```python block; I run the block and show you what it printed; you decide the next step from what you saw, and so on until the task is done.
 
 The variable `apis` holds the apps. Three APIs describe everything else:
@@ -233,7 +229,7 @@ def reminder(info: dict, prompt: str = "paper") -> str:
 # ========================================================================= agent code and guard
 
 CODE_BLOCK = re.compile(r"```(?:python3?|py)\b[ \t]*\n?(.*?)(?:```|\Z)", re.DOTALL | re.IGNORECASE)
-MAX_CODE_CHARS = 20_000  # longer cells are refused: AppWorld's own parse of them takes ~40 s per MB
+MAX_CODE_CHARS = 20_000  # longer cells are refused: AppWorld's own parse of them is slow
 
 
 def extract_code(text: str) -> str | None:
@@ -243,9 +239,8 @@ def extract_code(text: str) -> str | None:
     return "\n\n".join(blocks) if blocks else None
 
 
-# A friendly first answer, in AppWorld's words, to code that reaches for the files or the
-# interpreter's insides. A text check, easy to get around: what keeps the ground truth and the
-# trainer out of reach is the episode's process (below, and the README's "Isolation").
+# A friendly first answer, in AppWorld's words, to code that reaches for the files or the interpreter's insides: a
+# text check, easy to get around. What keeps the ground truth and the trainer out of reach is the episode's process.
 BLOCKED_MODULES = {"os", "sys", "pathlib", "appworld", "importlib", "io", "shutil", "inspect", "gc",
                    "ctypes", "builtins", "socket", "marshal"}
 BLOCKED_NAMES = {"__import__", "eval", "exec", "compile", "globals", "locals", "vars"}
@@ -304,14 +299,12 @@ def run_cell(world, code: str) -> str:
 
 
 # ======================================================================== episodes in processes
-#
-# AppWorld freezes its process's clock (freezegun), times cells out with SIGALRM (main thread only),
-# allows one open world per process, and runs the agent's code in that process. So the trainer never
-# imports appworld. A pool starts one trusted "zygote" process, which imports AppWorld and opens one
-# world so that the next ones open fast; it never runs agent code and never loads a ground truth.
-# Every episode is a fresh fork of it, confined (_confine), its world opened without the ground
-# truth; every score is another fresh fork, which checks and scores the output databases the world
-# saved after each cell, once the episode's processes are gone. Each process talks to the pool on a
+# AppWorld freezes its process's clock (freezegun), times cells out with SIGALRM (main thread only), allows
+# one open world per process and runs the agent's code in that process: so the trainer never imports it. A
+# pool starts one trusted "zygote" process, which imports AppWorld and opens a world once so that later ones
+# open fast; it never runs agent code nor loads a ground truth. Every episode is a fresh fork of it, confined
+# (_confine), its world opened without the ground truth; every score is another fresh fork, which checks and
+# scores the output databases once the episode's processes are gone. Each process talks to the pool on a
 # socket of its own, in JSON (never pickle: it would run code the agent sent).
 
 ENV_KEEP = ("PATH", "PYTHONPATH", "LD_LIBRARY_PATH", "LANG", "LC_ALL", "TZ")  # all the zygote gets of ours
@@ -471,9 +464,8 @@ def _episode_main(fd: int, root: str, request: dict) -> None:
 
 
 def _confine(root: str, task_id: str, name: str) -> list[str] | None:
-    """Take from this process what agent code must not have, as far as the platform allows; returns
-    what was taken (see ISOLATION). Forks once: the parent only waits for the confined child, and
-    gets None."""
+    """Take from this process what agent code must not have, as far as the platform allows; returns what was
+    taken (see ISOLATION). Forks once: the parent only waits for the confined child, and gets None."""
     import ctypes
     import resource
     libc = ctypes.CDLL(None, use_errno=True)
@@ -592,9 +584,8 @@ def _score_main(fd: int, root: str, request: dict) -> None:
 
 
 def _copy_outputs(folder: str, task_id: str, target: str) -> None:
-    """Copy an episode's output databases, checking them on the way: no links, only AppWorld's files,
-    only SQL statements that change a database (not ATTACH, VACUUM INTO, ..., which reach files).
-    What is scored is the bytes that were checked."""
+    """Copy an episode's output databases, checking them on the way (what is scored is the bytes checked): no
+    links, only AppWorld's files, only SQL statements that change a database (not ATTACH, ..., which reach files)."""
     fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
     for part in ("tasks", task_id, "dbs"):
         fd = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
@@ -630,7 +621,7 @@ class _Episode:
     task_id: str
     name: str  # AppWorld's experiment name: the outputs are in experiments/outputs/<name>
     pid: int  # of its process; once it is scored, of its scorer
-    conn: Connection
+    conn: Connection  # to that process
     info: dict = field(default_factory=dict)  # the task's specs shown to the agent
     interactions: int = 0
     completed: bool = False
@@ -638,11 +629,9 @@ class _Episode:
 
 
 class EnvPool:
-    """`size` episode slots, each episode in a fresh process of its own.
-
-    `reset`, `step` and `score` take lists of slots and serve them in parallel. Whatever the agent's
-    code is or does is an observation; an episode whose process dies or misses its deadline ends with
-    reward 0 and info["env_failed"].
+    """`size` episode slots, each episode in a fresh process of its own; `reset`, `step` and `score` serve
+    lists of slots in parallel. Whatever the agent's code is or does is an observation; an episode whose
+    process dies or misses its deadline ends with reward 0 and info["env_failed"].
 
     reward: "fraction" of the task's unit tests that pass (the paper's); "binary", 1 if all pass;
         "progress", the fraction among the tests a no-op episode fails (AppWorld's "no_op_fail"
@@ -687,12 +676,13 @@ class EnvPool:
 
     # ---------------------------------------------------------------------------- the episodes
     def reset(self, slots: list[int], task_ids: list[str]) -> list[list[dict]]:
-        """Start a task's episode in each slot (ending any still running there); returns each slot's
-        opening chat messages."""
+        """Start a task's episode in each slot (ending any still running there); returns the opening messages."""
         self._check(slots, task_ids)
         for task_id in task_ids:
             _check_task_id(self.root, task_id)
-        self._end([s for s in slots if self._episodes[s] is not None and not self._episodes[s].done], score=False)
+        for slot in slots:
+            if self._episodes[slot] is not None and not self._episodes[slot].done:
+                self._end(slot)
         replies = self._open(dict(zip(slots, task_ids)))
         replies.update(self._open({s: t for s, t in zip(slots, task_ids) if _failed(replies[s])}))  # once more
         messages = []
@@ -712,8 +702,8 @@ class EnvPool:
         return messages
 
     def step(self, slots: list[int], texts: list[str]) -> list[StepResult]:
-        """Run each slot's agent message in its world, all in parallel. An episode ends, and is scored,
-        when the agent calls complete_task or at the interaction limit."""
+        """Run each slot's agent message in its world; at complete_task or the interaction limit, its episode
+        ends and is scored."""
         self._check(slots, texts, running=True)
         requests, replies = {}, {}
         for slot, text in zip(slots, texts):
@@ -724,8 +714,8 @@ class EnvPool:
                                  "hidden": 0, "completed": False}
             else:
                 requests[slot] = {"code": code}
-        replies.update(self._exchange({s: self._episodes[s].conn for s in requests}, requests, self.timeout))
-        results, failed = {}, []
+        replies.update(self._exchange(requests, self.timeout))
+        results = {}
         for slot in slots:
             episode, reply = self._episodes[slot], replies[slot]
             try:
@@ -733,30 +723,38 @@ class EnvPool:
             except (KeyError, TypeError, ValueError):
                 why = reply if isinstance(reply, str) else "its process sent a malformed reply"
                 results[slot] = StepResult(f"The environment failed: {why}", True, info={"env_failed": True, "error": why})
-                failed.append(slot)
+                if not episode.done:  # a reply that is a dict but not a step's
+                    self._end(slot)
                 continue
             episode.completed = completed
             done = completed or episode.interactions >= self.max_interactions
             if done and not completed:
                 output += f"\n[Interaction limit ({self.max_interactions}) reached: the task is scored as it stands.]"
             results[slot] = StepResult(self._observation(output, hidden, episode.info), done)
-        self._end(failed, score=False)
-        self._score({s: r for s, r in results.items() if r.done and s not in failed})
+        self._score({s: r for s, r in results.items() if r.done and not r.info.get("env_failed")})
         return [results[slot] for slot in slots]
 
     def score(self, slots: list[int]) -> list[StepResult]:
-        """End each slot's running episode and score its world as it stands (e.g. the agent's context
-        is full)."""
+        """End each slot's running episode and score its world as it stands (e.g. the agent's context is full)."""
         self._check(slots, running=True)
         results = {slot: StepResult("", True) for slot in slots}
         self._score(results)
         return [results[slot] for slot in slots]
 
     def _score(self, results: dict) -> None:
-        """End the episodes of {slot: StepResult} and fill in their rewards from AppWorld's tests."""
-        for slot, evaluation in self._end(list(results), score=True).items():
+        """End the episodes of {slot: StepResult}, each scored by a fresh process, and fill in the rewards."""
+        for slot, result in results.items():
+            episode = self._episodes[slot]
+            result.info["completed"] = episode.completed
+            if episode.conn.poll(0):  # readable now: its process died (or says what it was not asked)
+                result.info.update(env_failed=True, error="scoring failed: its process died before the episode ended")
+                self._end(slot)
+            else:  # the scorer, killed if it hangs
+                episode.conn, episode.pid = self._end(slot, score=True)
+        scored = [slot for slot, result in results.items() if not result.info.get("env_failed")]
+        for slot, evaluation in self._exchange(dict.fromkeys(scored), self.timeout + 5).items():
+            self._episodes[slot].conn.close()
             result = results[slot]
-            result.info["completed"] = self._episodes[slot].completed
             if isinstance(evaluation, str):  # the scorer died or hung: not the agent's doing
                 result.info.update(env_failed=True, error=f"scoring failed: {evaluation}")
             elif "error" in evaluation:  # the agent's outputs could not be scored: they score 0
@@ -783,8 +781,7 @@ class EnvPool:
                 raise ValueError(f"Slot {slot} has no running episode: call reset first.")
 
     def _observation(self, output: str, hidden: int, info: dict) -> str:
-        """The output cut at max_obs_tokens (`hidden` characters were cut already), a note saying how
-        much was cut, and the task reminder."""
+        """The output cut at max_obs_tokens (`hidden` characters were cut already), a note of it, the reminder."""
         shown = output
         if self.tokenizer is not None:
             ids = self.tokenizer.encode(output, add_special_tokens=False)
@@ -798,8 +795,7 @@ class EnvPool:
 
     # ------------------------------------------------------------------------- the processes
     def _start_zygote(self) -> None:
-        """Start the zygote in a minimal environment; one that dies or misses start_timeout is tried
-        once more, an error that AppWorld reports is raised at once."""
+        """Start the zygote in a minimal environment; one that dies or misses start_timeout is tried once more."""
         for attempt in range(2):
             ours, theirs = socket.socketpair()
             command = [sys.executable, "-c", f"import sys; sys.path[0] = {REPO!r}; import appworld_env; "
@@ -839,9 +835,8 @@ class EnvPool:
         _remove_outputs(self.root, f"envpool-{process.pid}-")  # what it left, if it could not clean up
 
     def _ask_zygote(self, message: dict, fork: bool = False):
-        """Send the zygote a request; with `fork`, also one end of a new socket for the process it
-        forks, and return (our end, that process's pid). A zygote that died or hangs is replaced
-        (its episodes died with it) and asked again, once."""
+        """Send the zygote a request; with `fork`, also a socket for the process it forks: returns (our end, its pid).
+        A zygote that died or hangs is replaced (its episodes died with it) and asked again, once."""
         ours, theirs = socket.socketpair() if fork else (None, None)
         try:
             for attempt in range(2):
@@ -871,45 +866,28 @@ class EnvPool:
             conn, pid = self._ask_zygote({"op": "episode", "task_id": task_id, "name": name, "exec_timeout":
                                           self.exec_timeout, "max_raw_chars": self.max_raw_chars}, fork=True)
             self._episodes[slot] = _Episode(task_id, name, pid, conn)
-        replies = self._exchange({s: self._episodes[s].conn for s in tasks}, {}, self.timeout)
-        self._end([s for s, reply in replies.items() if _failed(reply)], score=False)
-        return replies
+        return self._exchange(dict.fromkeys(tasks), self.timeout)
 
-    def _end(self, slots: list[int], score: bool) -> dict:
-        """End the slots' episodes (their processes are killed); with `score`, score each as it stands.
-        Returns {slot: AppWorld's evaluation, or why there is none}."""
+    def _end(self, slot: int, score: bool = False):
+        """End the slot's episode (or its scoring): kill its process, then delete its outputs, or with
+        `score` have a fresh process score them, and return (a socket to it, its pid)."""
+        episode = self._episodes[slot]
+        episode.done = True
+        episode.conn.close()
         isolation = self.isolation or ()
         sweep = "own uid" in isolation and "read-only files" not in isolation  # no PID namespace to die with
-        conns, replies = {}, {}
-        for slot in slots:
-            episode = self._episodes[slot]
-            episode.done = True
-            scoring = score and not episode.conn.poll(0)  # readable now: its process died (or says what it was not asked)
-            if score and not scoring:
-                replies[slot] = "its process died before the episode ended"
-            episode.conn.close()
-            message = {"op": "end", "pid": episode.pid, "name": episode.name, "task_id": episode.task_id,
-                       "sweep": sweep, "score": scoring, "timeout": self.timeout}
-            if scoring:
-                conns[slot], episode.pid = self._ask_zygote(message, fork=True)  # the scorer, killed if it hangs
-            else:
-                self._ask_zygote(message)
-        replies.update(self._exchange(conns, {}, self.timeout + 5))
-        for slot, conn in conns.items():
-            conn.close()
-            if not isinstance(replies[slot], dict):
-                self._ask_zygote({"op": "end", "pid": self._episodes[slot].pid, "name": self._episodes[slot].name,
-                                  "score": False})
-        return replies
+        return self._ask_zygote({"op": "end", "pid": episode.pid, "name": episode.name, "task_id": episode.task_id,
+                                 "sweep": sweep, "score": score, "timeout": self.timeout}, fork=score)
 
-    def _exchange(self, conns: dict, messages: dict, timeout: float) -> dict:
-        """Send each slot's message (if any) on its socket, then gather one reply per slot until the
-        deadline. Returns {slot: the reply, or a string saying why there is none}."""
+    def _exchange(self, messages: dict, timeout: float) -> dict:
+        """Send {slot: message (or None)} to the slots' processes and gather their replies until the deadline:
+        {slot: the reply, or a string saying why there is none}. A process that sent none, or an error, is killed."""
         replies, pending = {}, {}
-        for slot, conn in conns.items():
+        for slot, message in messages.items():
+            conn = self._episodes[slot].conn
             try:
-                if slot in messages:
-                    _send(conn, messages[slot])
+                if message is not None:
+                    _send(conn, message)
                 pending[conn] = slot
             except OSError as error:
                 replies[slot] = f"its process died ({error!r})"
@@ -924,6 +902,9 @@ class EnvPool:
                     replies[slot] = f"its process died ({error!r})"
         for slot in pending.values():
             replies[slot] = f"its process did not answer within {timeout:.0f} s; it was killed"
+        for slot, reply in replies.items():
+            if _failed(reply):
+                self._end(slot)
         return replies
 
     def close(self) -> None:
@@ -956,9 +937,9 @@ def bench(root: str, slots: int, rounds: int) -> None:
     """Print what the environment costs: the pool's start, then `rounds` times a reset, a step (one
     API call) and a score of `slots` episodes at once."""
     train = load_task_ids("train", root)
-    tasks = [train[i % len(train)] for i in range(slots)]
-    cell, ids, times = '```python\nprint(apis.supervisor.show_profile()["first_name"])\n```', list(range(slots)), {}
-    start = time.perf_counter()
+    tasks, ids = [train[i % len(train)] for i in range(slots)], list(range(slots))
+    cell = '```python\nprint(apis.supervisor.show_profile()["first_name"])\n```'
+    start, times = time.perf_counter(), {"reset": [], "step": [], "score": []}
     with EnvPool(slots, root) as pool:
         print(f"pool start (the zygote imports AppWorld, opens a world): {time.perf_counter() - start:.2f} s")
         for _ in range(rounds):
@@ -966,29 +947,27 @@ def bench(root: str, slots: int, rounds: int) -> None:
                              ("score", lambda: pool.score(ids))):
                 start = time.perf_counter()
                 call()
-                times.setdefault(op, []).append(time.perf_counter() - start)
+                times[op].append(time.perf_counter() - start)
     for op, seconds in times.items():
         print(f"{op} of {slots} episodes at once, s per round: {' '.join(f'{s:.2f}' for s in seconds)}")
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    commands = parser.add_subparsers(dest="command", required=True)
-    setup = commands.add_parser("setup", help="build the offline mini-world")
-    setup.add_argument("--force", action="store_true", help="rebuild even if already built")
-    show = commands.add_parser("show", help="print an episode of a task played by its scripted solution")
-    show.add_argument("task_id")
-    show.add_argument("--prompt", default="paper", choices=tuple(PROMPTS))
-    timing = commands.add_parser("bench", help="time the pool's start and its reset, step and score")
-    timing.add_argument("--slots", type=int, default=4, help="episodes at once")
-    timing.add_argument("--rounds", type=int, default=3)
-    for command in (setup, show, timing):
-        command.add_argument("--root", default=DEFAULT_ROOT, help="AppWorld root (its data is in ROOT/data)")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("command", choices=("setup", "show", "bench"))
+    parser.add_argument("task_id", nargs="?", help="show: the task whose scripted solution plays an episode")
+    parser.add_argument("--root", default=DEFAULT_ROOT, help="AppWorld root (its data is in ROOT/data)")
+    parser.add_argument("--force", action="store_true", help="setup: rebuild even if already built")
+    parser.add_argument("--prompt", default="paper", choices=tuple(PROMPTS), help="show: the prompt")
+    parser.add_argument("--slots", type=int, default=4, help="bench: episodes at once")
+    parser.add_argument("--rounds", type=int, default=3, help="bench: rounds of reset, step and score")
     args = parser.parse_args()
     if args.command == "setup":
         setup_mini_world(args.root, force=args.force)
         print(f"mini-world ready in {os.path.join(os.path.abspath(args.root), 'data')}")
     elif args.command == "show":
+        if args.task_id is None:
+            parser.error("show needs a task id, e.g. likesong_1")
         from mini_world.play import show_episode
         show_episode(args.task_id, args.root, args.prompt)
     else:
