@@ -256,7 +256,8 @@ def collect(model, tokenizer, envs, task_ids, k, *, temperature=1.0, greedy=Fals
     pending = deque(episodes)  # not started yet
     free = list(range(len(envs)))  # slots without a live episode, in the order they freed
     live, kv = {}, {}  # slot -> its Episode; slot -> that episode's key/value states after its last turn
-    sampling = dict(stop=stop_ids(tokenizer, model), pad_id=tokenizer.pad_token_id, temperature=temperature, greedy=greedy)
+    sampling = dict(stop=stop_ids(tokenizer, model), pad_id=tokenizer.pad_token_id, temperature=temperature,
+                    greedy=greedy)
     bar = tqdm(total=len(episodes), desc="rollouts", disable=not (progress and is_rank0()), dynamic_ncols=True)
 
     def finish(reasons):  # {slot: end reason} of episodes that are over
