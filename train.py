@@ -58,15 +58,13 @@ class Args:
     reward: str = arg("fraction", "training reward: 'fraction' of unit tests passed (the paper), 'binary' success, "
                                   "or 'progress'", ("fraction", "binary", "progress"))
     max_interactions: int = arg(40, "turns per training episode")
-    env_workers: int = arg(32, "AppWorld episode slots per rank (each live episode in a process of its own): the "
-                               "number of episodes sampled at once")
-    sample_gathered: bool = arg(True, "under FSDP, hold the full weights on every rank while sampling (one all-gather "
-                                      "per phase; needs a whole copy per GPU, 64 GB for Qwen2.5-32B in bf16). Turned "
-                                      "off, every decoding step all-gathers layer by layer instead: slower, but leaves "
-                                      "the memory to the KV cache")
-    prompt: str = arg("paper", "'paper': the paper's structure (ReAct instructions, a worked demonstration as chat "
-                               "turns, the whole task block after every observation); 'short': a few lines, for small "
-                               "models", tuple(appworld_env.PROMPTS))
+    env_workers: int = arg(32, "AppWorld episode slots per rank (a process each): episodes sampled at once")
+    sample_gathered: bool = arg(True, "under FSDP, hold the full weights on every rank while sampling (a whole copy "
+                                      "per GPU); off: every decoding step all-gathers, slower but leaves the memory "
+                                      "to the KV cache")
+    prompt: str = arg("paper", "'paper': the paper's structure (ReAct instructions, a worked demonstration, the "
+                               "task after every observation); 'short': a few lines, for small models",
+                      tuple(appworld_env.PROMPTS))
     score_cut_episodes: bool = arg(True, "score an episode that fills max_seq_len by the task's unit tests as it "
                                          "stands (the official code's partial credit); off: reward 0")
     # --- LOOP
@@ -86,12 +84,10 @@ class Args:
     micro_batch: int = arg(4, "trajectories per forward/backward pass on one rank (gradient accumulation)")
     lr: float = arg(5e-5, "AdamW learning rate, constant")
     weight_decay: float = arg(0.01, "AdamW weight decay")
-    adam_eps: float = arg(1e-8, "AdamW epsilon. Near the size of a typical gradient entry (~1e-4 for the offline "
-                                "LoRA), entries with small, noisy gradients move in proportion to them instead of by "
-                                "about lr each")
-    loss_divisor: str = arg("count", "what a minibatch's summed trajectory objectives are divided by: 'count', the "
-                                     "trajectories it holds, or 'minibatch', the constant --minibatch (the official "
-                                     "code: a short last minibatch takes a smaller step)", ("count", "minibatch"))
+    adam_eps: float = arg(1e-8, "AdamW epsilon; near a typical gradient entry, entries with small noisy gradients "
+                                "move in proportion to them instead of by about lr each")
+    loss_divisor: str = arg("count", "divide a minibatch's summed objectives by 'count', its trajectories, or "
+                                     "'minibatch', the constant --minibatch (the official code)", ("count", "minibatch"))
     grad_clip: float = arg(1.0, "clip the global norm of each minibatch's gradient (that of its mean loss, or of sum / "
                                 "--minibatch) to this (the paper: 1.0)")
     temperature: float = arg(1.0, "sampling temperature for training rollouts")
@@ -119,9 +115,8 @@ class Args:
     checkpoint: str | None = arg(None, "model to evaluate with --eval-only: a from_pretrained folder "
                                        "(e.g. runs/loop/final)")
     seed: int = arg(0, "random seed (each rank and iteration derives its own)")
-    dtype: str = arg("auto", "compute dtype: 'auto' (bfloat16 where it is fast: GPUs, CPUs with AVX512-BF16 or AMX), "
-                             "'bfloat16' or 'float32'. Trainable weights and Adam's state are float32 either way; with "
-                             "bfloat16, frozen base weights are stored in it", ("auto", "bfloat16", "float32"))
+    dtype: str = arg("auto", "compute dtype: 'auto' (bfloat16 where it is fast), 'bfloat16' or 'float32'; trainable "
+                             "weights stay float32, frozen ones are stored in it", ("auto", "bfloat16", "float32"))
     memory_check: bool = arg(True, "before the first rollout, one forward and backward pass of micro_batch x "
                                    "max_seq_len tokens, so a run that cannot fit fails at once")
     dist_timeout_s: int = arg(1800, "seconds a collective may wait before the process group gives up")
