@@ -30,9 +30,6 @@ from torch import Tensor
 Rewards = Tensor | list[Tensor]  # (N, K) for N tasks with K rollouts each, or N groups of unequal size
 
 
-# ------------------------------------------------------------------------------------ advantages
-
-
 def _per_group(fn, rewards: Rewards) -> Rewards:
     """Apply `fn` to each group of rollouts of one task; groups are rows of a tensor or list items."""
     if isinstance(rewards, Tensor):
@@ -98,10 +95,8 @@ def grpo_advantages(rewards: Rewards) -> Rewards:
 
 
 def keep_mask(advantages: Rewards, threshold: float = 0.01) -> Rewards:
-    """Which trajectories LOOP trains on: those with |A| >= threshold (App. D).
-
-    A group whose rollouts all got the same reward has A = 0 everywhere and carries no signal, so it
-    is dropped whole; this is most groups early (all fail) and late (all succeed) in training.
+    """Which trajectories LOOP trains on: those with |A| >= threshold (App. D). A group whose rollouts
+    all got the same reward has A = 0 everywhere and is dropped whole.
 
     >>> keep_mask(torch.tensor([[0.65, -0.005, 0.0]]))
     tensor([[ True, False, False]])
@@ -109,9 +104,6 @@ def keep_mask(advantages: Rewards, threshold: float = 0.01) -> Rewards:
     if isinstance(advantages, Tensor):
         return advantages.abs() >= threshold  # same shape, bool
     return [a.abs() >= threshold for a in advantages]
-
-
-# ----------------------------------------------------------------------------- importance weights
 
 
 def importance_weights(logp: Tensor, old_logp: Tensor, mask: Tensor, level: str = "token",
@@ -155,9 +147,6 @@ def importance_weights(logp: Tensor, old_logp: Tensor, mask: Tensor, level: str 
     return torch.where(mask, summed.exp(), 1.0)  # (B, T)
 
 
-# ------------------------------------------------------------------------------------- clipping
-
-
 def g_eps(advantages: Tensor, eps: float, clip: str = "paper") -> Tensor:
     """The clipped objective's ceiling for a trajectory with advantage A (Eq. 4).
 
@@ -194,9 +183,6 @@ def clipped_surrogate(weights: Tensor, advantages: Tensor, eps: float = 0.1,
     if clip == "none":
         return unclipped
     return torch.minimum(unclipped, g_eps(adv, eps, clip))  # (B, T)
-
-
-# ------------------------------------------------------------------------------------------ loss
 
 
 @dataclass

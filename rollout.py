@@ -3,37 +3,18 @@
     episodes = collect(model, tokenizer, envs, task_ids, k=6)    # task-major: task 0 x k, task 1 x k, ...
     batch = collate(episodes, tokenizer.pad_token_id)            # padded tensors, aligned with token_logprobs
 
-Token-in / token-out: an episode's `token_ids` are built incrementally and are never
-re-tokenised. The chat template renders the opening messages once (with the assistant header); each
-turn appends exactly the ids the model sampled, up to and including the id that ended it (these and
-only these are agent tokens); each observation appends the template's tokens for a user message and
-the next assistant header. The text the environment sees is decoded from the sampled ids; the
-training sequence is the ids themselves.
+Token-in / token-out: `token_ids` are never re-tokenised. The chat template renders the opening
+messages once; each turn appends exactly the ids the model sampled (the agent tokens); each
+observation appends the template's tokens for a user message and the next assistant header.
+Our own sampling loop (KV cache, left padding) rather than HF `generate` yields each token's
+log-prob at the sampling temperature (1 for greedy), gives every episode its own token budget and
+makes the cross-rank synchronisation explicit; a batch runs until its longest turn ends.
 
-Choices worth knowing:
-- We sample with our own short loop over the model's forward (KV cache, left padding) rather than
-  HF `generate`: it gives each sampled token's log-prob at the sampling temperature without keeping
-  (steps, B, V) logits around, lets every episode have its own token budget, and makes the
-  cross-rank synchronisation explicit (see `sample`).
-- A turn ends at any of `stop_ids`: the end-of-turn ids the model declares and the chat template's
-  turn-start marker (a model opening a turn of its own, e.g. inventing the user's reply, is stopped
-  there, so that text never reaches the environment). A turn that ended otherwise (another stop id,
-  or `max_new_tokens`) gets the template's end-of-turn token appended as a NON-agent token (the
-  model did not sample it); a turn cut by `max_new_tokens` still goes to the environment.
-- Context limit: an episode ends with "context_limit" when its next observation plus at least one
-  new token would not fit `max_seq_len`, or when a turn is cut by that budget (rather than by
-  `max_new_tokens`). The cut turn stays in the sequence (its tokens were sampled) but the
-  environment never runs it. The episode is then scored as it stands (`envs.score`: the task's unit
-  tests, the official code's partial credit); with `score_cut=False` it is not evaluated and keeps
-  reward 0.
-- Greedy decoding records log-probs at temperature 1. Sampling draws from torch's global RNG:
-  seed each rank differently.
-- Under FSDP the sampling phase gathers the weights once (`model.gathered`), instead of one
-  all-gather per layer per decode step.
-- Each live episode keeps its key/value states between turns (`reuse_cache`), so a turn prefills
-  only what was appended since the last one instead of the whole conversation.
-
-Simplification: a batch runs until its longest turn ends (no continuous batching within a turn).
+A turn ends at an end-of-turn id or at the template's turn-start marker (a model inventing the
+user's reply is stopped there). An episode whose next observation would not fit `max_seq_len`, or
+whose turn that budget cut, ends with "context_limit" and is scored as it stands. Each live episode
+keeps its key/value states between turns, so a turn prefills only what was appended since the last
+one. Sampling draws from torch's global RNG: seed each rank differently.
 """
 import contextlib
 from collections import deque
@@ -42,7 +23,7 @@ from dataclasses import dataclass, field
 import torch
 from tqdm import tqdm
 
-from model import any_rank, distributed, gathered, is_rank0, max_over_ranks
+from model import any_rank, gathered, is_rank0, max_over_ranks
 
 END_REASONS = ("completed", "turn_limit", "context_limit", "env_failed")
 
@@ -98,24 +79,18 @@ def collate(episodes, pad_id):
     """Pad episodes on the right into a Batch (right padding: positions are then 0..len-1)."""
     if not episodes:
         raise ValueError("collate: no episodes")
-    B, T = len(episodes), max(len(e.token_ids) for e in episodes)
-    input_ids = torch.full((B, T), pad_id, dtype=torch.long)  # (B, T)
-    attention_mask = torch.zeros(B, T, dtype=torch.long)  # (B, T)
-    agent_mask = torch.zeros(B, T, dtype=torch.bool)  # (B, T), shifted below
-    turn_ids = torch.full((B, T), -1, dtype=torch.long)  # (B, T)
-    logprobs = torch.zeros(B, T, dtype=torch.float32)  # (B, T)
-    for i, e in enumerate(episodes):
-        n = len(e.token_ids)
-        input_ids[i, :n] = torch.tensor(e.token_ids)
-        attention_mask[i, :n] = 1
-        agent_mask[i, :n] = torch.tensor(e.agent_mask)
-        turn_ids[i, :n] = torch.tensor(e.turn_ids)
-        logprobs[i, :n] = torch.tensor(e.sampler_logprobs)
+
+    def pad(field, value, dtype):  # (B, T): one row per episode, `value` after its end
+        rows = [torch.tensor(field(e), dtype=dtype) for e in episodes]
+        return torch.nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=value)
+
+    input_ids = pad(lambda e: e.token_ids, pad_id, torch.long)
+    attention_mask = pad(lambda e: [1] * len(e.token_ids), 0, torch.long)
+    agent_mask = pad(lambda e: e.agent_mask, False, torch.bool)[:, 1:]  # (B, T-1): shifted
+    turn_ids = pad(lambda e: e.turn_ids, -1, torch.long)[:, 1:]
+    logprobs = pad(lambda e: e.sampler_logprobs, 0.0, torch.float32)[:, 1:]
     rewards = torch.tensor([e.reward for e in episodes], dtype=torch.float32)  # (B,)
-    return Batch(input_ids, attention_mask, agent_mask[:, 1:], turn_ids[:, 1:], logprobs[:, 1:], rewards)
-
-
-# ------------------------------------------------------------------------------ chat template
+    return Batch(input_ids, attention_mask, agent_mask, turn_ids, logprobs, rewards)
 
 
 def prompt_ids(tokenizer, messages):
@@ -125,10 +100,9 @@ def prompt_ids(tokenizer, messages):
 
 
 def observation_ids(tokenizer, text):
-    """The template's tokens between the model's end-of-turn token and its next turn: the rest of
-    the assistant footer, a user message holding `text`, and the assistant header. Found by
-    rendering a conversation with and without that user message (template text, not model text),
-    and tokenised after an end-of-turn token so the boundary splits as in a full rendering."""
+    """The template's tokens after the model's end-of-turn token up to its next turn (footer, user
+    message `text`, assistant header): the difference of two renderings, tokenised after an
+    end-of-turn token so the boundary splits as in a full rendering."""
     eos = tokenizer.eos_token
     base = [{"role": "system", "content": "S"}, {"role": "user", "content": "U"}, {"role": "assistant", "content": "A"}]
     before = tokenizer.apply_chat_template(base, tokenize=False)
@@ -143,9 +117,8 @@ def observation_ids(tokenizer, text):
 
 
 def stop_ids(tokenizer, model) -> set[int]:
-    """The ids that end an agent turn: every end-of-turn id the model declares (its generation
-    config's eos_token_id, an int or a list), the tokenizer's, and the chat template's turn-start
-    marker (the first special token of the template's text between two turns, e.g. <|im_start|>)."""
+    """The ids that end an agent turn: the generation config's eos_token_id (int or list), the
+    tokenizer's, and the template's turn-start marker (first special token between turns)."""
     declared = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     ids = {tokenizer.eos_token_id, *(declared if isinstance(declared, (list, tuple)) else [declared])}
     special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
@@ -153,13 +126,9 @@ def stop_ids(tokenizer, model) -> set[int]:
     return ids - {None}
 
 
-# ----------------------------------------------------------------------------------- sampling
-
-
 def _batch_cache(model, states, width):
-    """Stack per-row key/value states (per row, per layer: (heads, n, head_dim) twice) into one
-    left-padded HF cache of `width` positions. Empties `states` layer by layer as it goes, so that
-    each row's copy of a layer is freed as soon as the batch's is built."""
+    """Stack per-row key/value states into one left-padded HF cache of `width` positions, emptying
+    `states` layer by layer so each row's copy is freed once the batch's is built."""
     from transformers import DynamicCache
 
     cache = DynamicCache(config=model.config)
@@ -175,11 +144,10 @@ def _batch_cache(model, states, width):
 
 
 def _prefill(model, prompts, caches, pad_id):
-    """Each row's key/value states over its whole prompt and its next-token logits, one forward pass
-    per row over what its cache does not cover (a row appending a short observation never pays for a
-    neighbour's long prompt in padding). Rows with the same uncached prompt (the K rollouts of a task
-    at their first turn) share one pass. Under torch.distributed every rank runs as many passes as
-    the busiest one (one-token dummies), since a sharded model's forward is a collective."""
+    """Each row's key/value states over its prompt and its next-token logits: one forward per row over
+    what its cache does not cover (no padding to a neighbour's length); rows with the same uncached
+    prompt (a task's K first turns) share one. Every rank runs as many passes as the busiest one
+    (one-token dummies), since a sharded model's forward is a collective."""
     device = next(model.parameters()).device
     passes = {}  # key -> the rows it serves
     for i, (p, c) in enumerate(zip(prompts, caches)):
@@ -220,19 +188,13 @@ def _draw(logits, temperature, greedy):
 @torch.no_grad()
 def sample(model, prompts, budgets, *, stop, pad_id, temperature=1.0, greedy=False, caches=None):
     """Continue every prompt by at most its budget of tokens; a row stops at any id in `stop`.
-    Returns, per row, the sampled ids, their log-probs under the sampling distribution (temperature
-    T; T = 1 for greedy), and the row's key/value states for its prompt and sampled ids but the last
-    (which was never fed).
+    Returns per row the sampled ids, their log-probs at the sampling temperature (1 for greedy), and
+    the key/value states of the prompt and all sampled ids but the last (never fed).
 
-    `caches` (per row: None, or such states from an earlier call, covering a prefix of the prompt)
-    lets a multi-turn episode prefill only what was appended since its last turn; the list is
-    emptied as its states are used, so that no two copies of a row's states outlive its prefill.
-
-    Prefill runs row by row (`_prefill`); decoding steps all rows together, one token each, in one
-    left-padded batch: the attention mask hides the padding and positions count real tokens only,
-    so every row gets the numbers it would get alone. Under torch.distributed a rank whose rows are
-    all done keeps stepping its batch (outputs discarded) until every rank is done: each forward
-    of a sharded model is a collective. The model is called on the same device as its weights.
+    `caches` (per row: None, or states from an earlier call covering a prefix of the prompt) is
+    emptied as it is used, so no two copies of a row's states outlive its prefill. Decoding steps all
+    rows in one left-padded batch whose mask and positions give every row what it would get alone.
+    A rank whose rows are done keeps stepping until every rank is done (forwards are collectives).
     """
     device = next(model.parameters()).device
     B = len(prompts)
@@ -244,9 +206,7 @@ def sample(model, prompts, budgets, *, stop, pad_id, temperature=1.0, greedy=Fal
     W = max(len(p) for p in prompts)
     cache = _batch_cache(model, states, W)  # [padding, row] layout
     del states
-    attention_mask = torch.zeros(B, W, dtype=torch.long, device=device)  # (B, W), left padded
-    for i, p in enumerate(prompts):
-        attention_mask[i, W - len(p):] = 1
+    attention_mask = torch.tensor([[0] * (W - len(p)) + [1] * len(p) for p in prompts], device=device)  # (B, W)
     position_ids = torch.tensor([[len(p)] for p in prompts], device=device)  # (B, 1): next position per row
     out_ids, out_logprobs = [[] for _ in range(B)], [[] for _ in range(B)]
     done = [b <= 0 for b in budgets]
@@ -267,8 +227,7 @@ def sample(model, prompts, budgets, *, stop, pad_id, temperature=1.0, greedy=Fal
         cache = out.cache
         logits = out.logits[:, -1].float()  # (B, V)
         position_ids = position_ids + 1  # (B, 1)
-    # Each row's states at its real positions (what its next turn starts from), layer by layer,
-    # taking each layer out of the batch's cache so that it is freed once it is cut up.
+    # Each row's states at its real positions, one layer at a time so each is freed once cut up.
     keep = attention_mask.bool()  # (B, W+s)
     new_caches = [[] for _ in range(B)]
     while cache.layers:
@@ -278,28 +237,18 @@ def sample(model, prompts, budgets, *, stop, pad_id, temperature=1.0, greedy=Fal
     return out_ids, out_logprobs, new_caches
 
 
-# ------------------------------------------------------------------------------------ episodes
-
-
 def collect(model, tokenizer, envs, task_ids, k, *, temperature=1.0, greedy=False, max_new_tokens=1500,
             max_seq_len=32768, max_turns=None, score_cut=True, gather_weights=True, reuse_cache=True, progress=True):
     """Run K episodes of each task and return them task-major (task 0 x k, task 1 x k, ...).
 
-    `envs` has len(envs) worker slots, `reset(slots, task_ids) -> opening messages per slot`,
-    `step(slots, texts) -> StepResult per slot` and `score(slots) -> StepResult per slot`
-    (appworld_env.EnvPool). At most len(envs) episodes are live at once; a pending episode starts as
-    soon as a slot frees. Each round generates the next turn of every live episode in one batch,
-    then steps all their environments together.
-    `max_turns` (None: leave it to the environment) ends an episode with "turn_limit".
-    `score_cut`: score an episode cut by `max_seq_len` as it stands (one batched `envs.score` call
-    per round); off, its reward stays 0.
-    `gather_weights`: a sharded model keeps its full weights during the phase (model.gathered);
-    turn it off when one full copy does not fit on a device (then every step all-gathers).
-    `reuse_cache`: keep each live episode's key/value states between its turns, so a turn prefills
-    only the observation and header appended since the last one (memory per token: 2 x layers x
-    kv_heads x head_dim numbers); off, each turn prefills it all.
-    Under torch.distributed each rank collects its own tasks; ranks may hold different numbers of
-    episodes and finish at different times (a rank with nothing live samples a dummy batch).
+    `envs` (appworld_env.EnvPool) has len(envs) slots and batched `reset(slots, task_ids)`,
+    `step(slots, texts)` and `score(slots)`; a pending episode starts as soon as a slot frees. Each
+    round samples the next turn of every live episode in one batch, then steps their environments.
+    `max_turns` (None: the environment's limit) ends an episode with "turn_limit". `score_cut`: score
+    an episode cut by `max_seq_len` as it stands; off, its reward stays 0. `gather_weights`: hold a
+    sharded model's full weights for the phase; off when one copy does not fit a device.
+    `reuse_cache`: keep key/value states between turns (2 x layers x kv_heads x head_dim numbers per
+    token); off, each turn prefills it all. Each rank collects its own tasks, finishing when it may.
     """
     if k < 1 or len(envs) < 1:
         raise ValueError(f"collect: need k >= 1 and at least one env slot (k={k}, slots={len(envs)})")
@@ -307,8 +256,8 @@ def collect(model, tokenizer, envs, task_ids, k, *, temperature=1.0, greedy=Fals
     pending = deque(episodes)  # not started yet
     free = list(range(len(envs)))  # slots without a live episode, in the order they freed
     live, kv = {}, {}  # slot -> its Episode; slot -> that episode's key/value states after its last turn
-    stop = stop_ids(tokenizer, model)
-    sampling = dict(stop=stop, pad_id=tokenizer.pad_token_id, temperature=temperature, greedy=greedy)
+    sampling = dict(stop=stop_ids(tokenizer, model), pad_id=tokenizer.pad_token_id, temperature=temperature,
+                    greedy=greedy)
     bar = tqdm(total=len(episodes), desc="rollouts", disable=not (progress and is_rank0()), dynamic_ncols=True)
 
     def finish(reasons):  # {slot: end reason} of episodes that are over
@@ -358,9 +307,8 @@ def _start(tokenizer, envs, pending, free, live):
 
 
 def _turn(model, tokenizer, eps, caches, max_new_tokens, max_seq_len, *, stop, **sampling):
-    """Sample the next turn of every episode in one batch and append it. Returns per episode the
-    text for its environment (None: the turn was cut by the context and never runs), and its
-    key/value states for the next turn."""
+    """Sample and append the next turn of every episode. Returns per episode the text for its
+    environment (None: cut by the context, never runs) and its key/value states."""
     eos_id = tokenizer.eos_token_id
     budgets = [min(max_new_tokens, max_seq_len - len(e.token_ids)) for e in eps]
     new_ids, new_logprobs, new_caches = sample(model, [e.token_ids for e in eps], budgets, stop=stop,
@@ -379,8 +327,8 @@ def _turn(model, tokenizer, eps, caches, max_new_tokens, max_seq_len, *, stop, *
 
 
 def _step(tokenizer, envs, live, slots, texts, max_turns, max_seq_len):
-    """Step the environments of `slots` together and append each observation. Returns the episodes
-    that ended ({slot: reason}) and those whose next observation would not fit (cut)."""
+    """Step the environments of `slots` and append each observation. Returns {slot: end reason}
+    of the episodes that ended, and the slots whose next observation would not fit."""
     ended, cut = {}, []
     for slot, r in zip(slots, envs.step(slots, texts) if slots else []):
         e = live[slot]
@@ -401,8 +349,7 @@ def _step(tokenizer, envs, live, slots, texts, max_turns, max_seq_len):
 
 
 def _cut(envs, live, slots, score_cut):
-    """Episodes that reached the context limit: scored as they stand (one batched call), or left at
-    reward 0. Returns {slot: end reason}."""
+    """Episodes at the context limit: scored as they stand, or left at reward 0. Returns {slot: reason}."""
     if slots and score_cut:
         for slot, r in zip(slots, envs.score(slots)):
             _record(live[slot], r)

@@ -7,14 +7,11 @@ The offline default (the mini-world, SmolLM2-135M, a CPU; its results are in RES
 Evaluation only; the paper's protocol (the best checkpoint on dev, mean +- std over 5 runs on test):
     python train.py --eval-only --checkpoint runs/loop/best --split test_normal --eval-runs 5
 
-One iteration (Algorithm 1 of the paper, App. D for the details):
-    sample tasks -> K rollouts per task on one rank (rollout.collect) -> leave-one-out advantages
-    -> drop |A| < 0.01 -> recompute old log-probs with the training model -> `epochs` passes of
-    clipped PPO over shuffled minibatches -> log, evaluate, checkpoint.
-The maths lives in loop.py; this file is plumbing. Simplifications against the official code: one
-model object samples and learns (no vLLM copy: sampling is a plain KV-cached loop in rollout.py,
-slower but exact), no learning-rate schedule, and the RNG is re-seeded from (seed, iteration, rank)
-at every iteration so a resumed run continues exactly without saving generator states.
+One iteration (Algorithm 1, App. D): sample tasks -> K rollouts per task on one rank -> leave-one-out
+advantages -> drop |A| < 0.01 -> old log-probs from the training model -> `epochs` passes of clipped
+PPO over shuffled minibatches -> log, evaluate, checkpoint. The maths lives in loop.py. Against the
+official code: one model object samples and learns (no vLLM copy), no learning-rate schedule, and
+the RNG is re-seeded from (seed, iteration, rank) every iteration, so a resumed run continues exactly.
 """
 import argparse
 import dataclasses
@@ -61,15 +58,13 @@ class Args:
     reward: str = arg("fraction", "training reward: 'fraction' of unit tests passed (the paper), 'binary' success, "
                                   "or 'progress'", ("fraction", "binary", "progress"))
     max_interactions: int = arg(40, "turns per training episode")
-    env_workers: int = arg(32, "AppWorld episode slots per rank (each live episode in a process of its own): the "
-                               "number of episodes sampled at once")
-    sample_gathered: bool = arg(True, "under FSDP, hold the full weights on every rank while sampling (one all-gather "
-                                      "per phase; needs a whole copy per GPU, 64 GB for Qwen2.5-32B in bf16). Turned "
-                                      "off, every decoding step all-gathers layer by layer instead: slower, but leaves "
-                                      "the memory to the KV cache")
-    prompt: str = arg("paper", "'paper': the paper's structure (ReAct instructions, a worked demonstration as chat "
-                               "turns, the whole task block after every observation); 'short': a few lines, for small "
-                               "models", tuple(appworld_env.PROMPTS))
+    env_workers: int = arg(32, "AppWorld episode slots per rank (a process each): episodes sampled at once")
+    sample_gathered: bool = arg(True, "under FSDP, hold the full weights on every rank while sampling (a whole copy "
+                                      "per GPU); off: every decoding step all-gathers, slower but leaves the memory "
+                                      "to the KV cache")
+    prompt: str = arg("paper", "'paper': the paper's structure (ReAct instructions, a worked demonstration, the "
+                               "task after every observation); 'short': a few lines, for small models",
+                      tuple(appworld_env.PROMPTS))
     score_cut_episodes: bool = arg(True, "score an episode that fills max_seq_len by the task's unit tests as it "
                                          "stands (the official code's partial credit); off: reward 0")
     # --- LOOP
@@ -89,12 +84,10 @@ class Args:
     micro_batch: int = arg(4, "trajectories per forward/backward pass on one rank (gradient accumulation)")
     lr: float = arg(5e-5, "AdamW learning rate, constant")
     weight_decay: float = arg(0.01, "AdamW weight decay")
-    adam_eps: float = arg(1e-8, "AdamW epsilon. Near the size of a typical gradient entry (~1e-4 for the offline "
-                                "LoRA), entries with small, noisy gradients move in proportion to them instead of by "
-                                "about lr each")
-    loss_divisor: str = arg("count", "what a minibatch's summed trajectory objectives are divided by: 'count', the "
-                                     "trajectories it holds, or 'minibatch', the constant --minibatch (the official "
-                                     "code: a short last minibatch takes a smaller step)", ("count", "minibatch"))
+    adam_eps: float = arg(1e-8, "AdamW epsilon; near a typical gradient entry, entries with small noisy gradients "
+                                "move in proportion to them instead of by about lr each")
+    loss_divisor: str = arg("count", "divide a minibatch's summed objectives by 'count', its trajectories, or "
+                                     "'minibatch', the constant --minibatch (the official code)", ("count", "minibatch"))
     grad_clip: float = arg(1.0, "clip the global norm of each minibatch's gradient (that of its mean loss, or of sum / "
                                 "--minibatch) to this (the paper: 1.0)")
     temperature: float = arg(1.0, "sampling temperature for training rollouts")
@@ -122,21 +115,18 @@ class Args:
     checkpoint: str | None = arg(None, "model to evaluate with --eval-only: a from_pretrained folder "
                                        "(e.g. runs/loop/final)")
     seed: int = arg(0, "random seed (each rank and iteration derives its own)")
-    dtype: str = arg("auto", "compute dtype: 'auto' (bfloat16 where it is fast: GPUs, CPUs with AVX512-BF16 or AMX), "
-                             "'bfloat16' or 'float32'. Trainable weights and Adam's state are float32 either way; with "
-                             "bfloat16, frozen base weights are stored in it", ("auto", "bfloat16", "float32"))
+    dtype: str = arg("auto", "compute dtype: 'auto' (bfloat16 where it is fast), 'bfloat16' or 'float32'; trainable "
+                             "weights stay float32, frozen ones are stored in it", ("auto", "bfloat16", "float32"))
     memory_check: bool = arg(True, "before the first rollout, one forward and backward pass of micro_batch x "
                                    "max_seq_len tokens, so a run that cannot fit fails at once")
     dist_timeout_s: int = arg(1800, "seconds a collective may wait before the process group gives up")
     world_size: int = field(default=1, metadata=dict(runtime=True))  # filled in at runtime, not a flag
 
 
-# What `python train.py` means on a machine with no GPU: the same code, scaled to a 2-core CPU and the
-# mini-world (flags given on the command line still win). 18 iterations of 6 tasks are six shuffled passes
-# over the 18 difficulty-1 training tasks, so each pass's success rate compares with the next. Temperature
-# 0.7: after the warm start, SmolLM2-135M's samples at T=1 are mostly broken code. lr and adam_eps: the
-# pair that learns without breaking the warm start (see RESULTS.md). Gradient checkpointing off: a 135M
-# model's activations fit. max_seq_len 2048 holds the longest episode these limits allow (tested).
+# `python train.py` without a GPU: the same code scaled to a 2-core CPU and the mini-world (flags still win).
+# 18 iterations of 6 tasks are six shuffled passes over the 18 difficulty-1 tasks. T=0.7: SmolLM2-135M's
+# samples at T=1 are mostly broken code. lr and adam_eps: the pair that learns without breaking the warm
+# start (RESULTS.md). max_seq_len 2048 holds the longest episode these limits allow (tested).
 OFFLINE_DEFAULTS = dict(
     difficulties="1", prompt="short", k=4, tasks_per_iter=6, iterations=18, env_workers=24,
     max_interactions=3, eval_max_interactions=3, max_new_tokens=128, max_obs_tokens=400,
@@ -192,13 +182,9 @@ def validate(args: Args, world_size: int) -> None:
         bad("eval_only", "cannot be combined with --resume")
 
 
-# ---------------------------------------------------------------------------------- distributed
-
-
 def setup_distributed(timeout_s: int):
-    """nanoGPT's preamble: the same script runs alone and under torchrun (one rank included, so
-    `torchrun --nproc_per_node 1` runs every collective). FSDP's CUDA tensors go over NCCL, our own
-    small CPU collectives (model.any_rank, ...) over gloo."""
+    """nanoGPT's preamble: the same script runs alone and under torchrun. FSDP's CUDA tensors go over
+    NCCL, our small CPU collectives (model.any_rank, ...) over gloo."""
     ddp = int(os.environ.get("RANK", -1)) != -1
     cuda = torch.cuda.is_available()
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -217,13 +203,9 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-# ---------------------------------------------------------------------------------- ALGO LOGIC
-
-
 def tasks_for(iteration: int, tasks: list[str], n: int, seed: int) -> list[str]:
-    """Iteration i's n tasks: the next n of a stream of shuffled passes over the task list, so every
-    task comes once per pass (and a pass's success rate compares with the next's). A function of
-    its arguments only: the same on every rank and after --resume."""
+    """Iteration i's n tasks: the next n of a stream of shuffled passes over the task list (every task
+    once per pass). A function of its arguments only: the same on every rank and after --resume."""
     draw, start = [], iteration * n
     while len(draw) < n:
         pass_index, offset = divmod(start + len(draw), len(tasks))
@@ -234,11 +216,8 @@ def tasks_for(iteration: int, tasks: list[str], n: int, seed: int) -> list[str]:
 
 def advantages_for(episodes: list[rollout.Episode], k: int, estimator: str, threshold: float):
     """Per-episode advantage and whether it is trained on; episodes come task-major (K per task).
-
-    An episode whose environment failed is not the agent's doing: it leaves its group, which then
-    has fewer rollouts (leave_one_out takes unequal groups). A group left with one rollout has no
-    baseline and is skipped; so are trajectories with |A| < threshold (App. D).
-    """
+    An episode whose environment failed leaves its group; a group left with one rollout has no
+    baseline and is skipped; so are trajectories with |A| < threshold (App. D)."""
     adv, keep = [0.0] * len(episodes), [False] * len(episodes)
     groups, index = [], []
     for start in range(0, len(episodes), k):
@@ -259,20 +238,16 @@ def advantages_for(episodes: list[rollout.Episode], k: int, estimator: str, thre
 
 
 def by_length(batch: rollout.Batch, rows) -> list[int]:
-    """`rows` shortest first, so that consecutive micro-batches pad each row to a similar length. A
-    minibatch's gradient is a sum over its rows, so how they are split into micro-batches does not
-    change it (up to float rounding); only the padding computed and thrown away shrinks."""
+    """`rows` shortest first, so micro-batches pad less. A minibatch's gradient is a sum over its
+    rows, so the split into micro-batches does not change it (up to float rounding)."""
     lengths = batch.attention_mask.sum(-1).tolist()  # (B,) -> list
     return sorted(rows, key=lambda r: lengths[r])
 
 
 def lockstep_plan(batch: rollout.Batch, order: list[int], per_rank: int, micro: int, n_minibatches: int) -> list:
-    """Cut this rank's rows (in `order`) into `n_minibatches` minibatches of `per_rank // micro`
-    micro-batches each, every minibatch sorted by length: per minibatch, a list of (rows, scale).
-
-    Under FSDP every forward/backward pass is a collective, so every rank runs the same numbers of
-    minibatches and micro-batches whatever it holds: where this rank has run out of rows, a
-    micro-batch re-runs row 0 with scale 0 (it adds nothing to the gradient)."""
+    """Cut this rank's rows (in `order`) into `n_minibatches` minibatches sorted by length, each a
+    list of `per_rank // micro` (rows, scale). Every rank runs the same passes (FSDP's collectives):
+    where this rank has run out of rows, a micro-batch re-runs row 0 with scale 0."""
     plan = []
     for i in range(n_minibatches):
         rows = by_length(batch, order[i * per_rank:(i + 1) * per_rank])
@@ -282,9 +257,8 @@ def lockstep_plan(batch: rollout.Batch, order: list[int], per_rank: int, micro: 
 
 
 def old_logprobs(model, batch: rollout.Batch, micro_batch: int, temperature: float) -> torch.Tensor:
-    """log pi_old of every agent token, recomputed by the training model before the first update
-    (App. D): the sampler's numbers (KV cache, batching) differ slightly from the trainer's. Every
-    rank runs as many forward passes as the busiest one (FSDP); the extra ones are thrown away."""
+    """log pi_old of every agent token from the training model (App. D): the sampler's numbers differ
+    slightly. Every rank runs as many forward passes as the busiest one (FSDP)."""
     old = torch.zeros_like(batch.sampler_logprobs)  # (B, T-1)
     n_passes = M.max_over_ranks(math.ceil(len(old) / micro_batch))
     (passes,) = lockstep_plan(batch, list(range(len(old))), n_passes * micro_batch, micro_batch, 1)
@@ -299,15 +273,11 @@ def old_logprobs(model, batch: rollout.Batch, micro_batch: int, temperature: flo
 
 
 def ppo_update(model, optimizer, episodes, advantages, spare, args: Args, world_size: int, device) -> dict:
-    """`epochs` passes of clipped PPO over this rank's surviving trajectories (Eq. 10), CleanRL's
-    shape: epoch -> shuffled minibatches -> micro-batches (gradient accumulation) -> loss -> step.
-
-    Each minibatch's gradient is that of the mean loss over its trajectories on all ranks, whatever
-    the split: every micro-batch divides its summed objective by (global count / world size), and
-    FSDP averages gradients over ranks. With --loss-divisor minibatch the global count is the
-    constant --minibatch, which changes only a short last minibatch. A rank whose trajectories were
-    all filtered out trains on the `spare` episode with scale 0, to keep in step (`lockstep_plan`).
-    """
+    """`epochs` passes of clipped PPO over this rank's surviving trajectories (Eq. 10): epoch ->
+    shuffled minibatches -> micro-batches (gradient accumulation) -> loss -> step. Each minibatch's
+    gradient is that of the mean loss over its trajectories on all ranks (or of the sum over
+    --minibatch, with --loss-divisor minibatch). A rank with no trajectories left trains on
+    `spare` with scale 0, to keep in step with the others."""
     per_rank = args.minibatch // world_size
     counts = M.gather_lists([len(episodes)])  # every rank's number of trajectories
     n_minibatches = max(math.ceil(n / per_rank) for n in counts)  # the busiest rank's
@@ -377,35 +347,29 @@ def model_pad_id(model) -> int:
     return model.config.pad_token_id if model.config.pad_token_id is not None else model.config.eos_token_id
 
 
-# ------------------------------------------------------------------------------------ plumbing
-
-
 def my_share(items: list, rank: int, world_size: int) -> list:
     """Rank r's part of a list that every rank holds in the same order."""
     return items[rank::world_size]
 
 
-def sampler(model):
-    """The training model itself, in eval mode: HF turns the KV cache off in train mode with gradient
-    checkpointing."""
-    return model.eval()
+def collect(model, tokenizer, envs, task_ids, k, args: Args, **sampling) -> list[rollout.Episode]:
+    """rollout.collect with this run's limits, from the training model in eval mode (HF turns the KV
+    cache off in train mode with gradient checkpointing)."""
+    return rollout.collect(model.eval(), tokenizer, envs, task_ids, k, max_new_tokens=args.max_new_tokens,
+                           max_seq_len=args.max_seq_len, score_cut=args.score_cut_episodes,
+                           gather_weights=args.sample_gathered, **sampling)
 
 
 def evaluate(model, tokenizer, envs, splits: dict[str, list[str]], args: Args, rank: int, world_size: int) -> dict:
-    """--eval-runs runs of one episode per task (greedy, or at --eval-temperature), each rank its
-    share of the tasks; AppWorld's TGC and SGC per split and run, then their mean (`dev_tgc`, ...)
-    and, over several runs, their sample std (`dev_tgc_std`, ...). All splits and runs go through
-    one collect call, so the environment slots stay busy across them."""
+    """--eval-runs runs of one episode per task (greedy, or at --eval-temperature), all in one collect
+    call; AppWorld's TGC and SGC per split, their mean over runs (`dev_tgc`) and sample std (`dev_tgc_std`)."""
     limit, envs.max_interactions = envs.max_interactions, args.eval_max_interactions
     t0 = time.time()
     mine = [t for task_ids in splits.values() for t in my_share(task_ids, rank, world_size)]
     runs = args.eval_runs
     try:  # every rank calls collect, even with no tasks: its forward passes are FSDP collectives
-        episodes = rollout.collect(sampler(model), tokenizer, envs, mine, runs,
-                                   greedy=args.eval_temperature == 0, temperature=args.eval_temperature or 1.0,
-                                   max_new_tokens=args.max_new_tokens, max_seq_len=args.max_seq_len,
-                                   score_cut=args.score_cut_episodes, gather_weights=args.sample_gathered,
-                                   progress=rank == 0)
+        episodes = collect(model, tokenizer, envs, mine, runs, args, greedy=args.eval_temperature == 0,
+                           temperature=args.eval_temperature or 1.0)
     finally:
         envs.max_interactions = limit
     # collect returns each task's `runs` episodes together: the j-th is run j's
@@ -443,10 +407,8 @@ def save_checkpoint(path: Path, model, optimizer, args: Args, iteration: int, ma
 
 def load_checkpoint(path: Path, model, optimizer) -> tuple[int, tuple | None]:
     """Restore trainable weights and optimizer state on every rank; returns the next iteration and
-    the score of best/ (None before any evaluation).
-
-    The optimizer's moments come from the checkpoint, its hyperparameters from this run's flags:
-    a saved state dict carries the old lr and eps, and `--resume --lr 0` must mean lr 0."""
+    the score of best/ (None before any evaluation). The optimizer's hyperparameters come from this
+    run's flags, not the checkpoint: `--resume --lr 0` must mean lr 0."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
     ckpt = torch.load(path, map_location="cpu", weights_only=False)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
@@ -462,8 +424,8 @@ def load_checkpoint(path: Path, model, optimizer) -> tuple[int, tuple | None]:
 
 
 def save_best(model, tokenizer, out: Path, master: bool) -> None:
-    """Replace out/best (a from_pretrained folder) as a whole: the new one is written beside it
-    first, so a crash mid-write leaves the previous best/ in place. Every rank must call this."""
+    """Replace out/best (a from_pretrained folder) as a whole, writing the new one beside it first.
+    Every rank must call this."""
     best, tmp, old = out / "best", out / "best.tmp", out / "best.old"
     if master:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -476,10 +438,8 @@ def save_best(model, tokenizer, out: Path, master: bool) -> None:
 
 
 def scripted_episodes(tokenizer, envs, task_ids: list[str]) -> list[rollout.Episode]:
-    """Each task's scripted solution played through the real environment (mini_world.play), laid
-    out as rollout.collect lays out an episode (prompt, assistant turns as agent tokens closed by the
-    end-of-turn token, observations), for the warm start. These turns are our own text, so
-    tokenising them is fine. A script that fails teaches nothing and is left out."""
+    """Each task's scripted solution played through the environment (mini_world.play), laid out as
+    rollout.collect lays out an episode (our own text, so tokenising it is fine). Failed scripts go."""
     episodes = []
     for task_id, (messages, steps) in zip(task_ids, play_solutions(envs, task_ids)):
         e = rollout.Episode(task_id=task_id)
@@ -496,10 +456,8 @@ def scripted_episodes(tokenizer, envs, task_ids: list[str]) -> list[rollout.Epis
 
 
 def memory_check(model, args: Args, device) -> None:
-    """One forward and backward pass of the longest micro-batch the run allows (micro_batch x
-    max_seq_len tokens, every one scored, gradient checkpointing as configured), before the first
-    rollout: a run that cannot fit fails now, naming the flags to change, not hours later. The
-    gradients are thrown away. Every rank runs it (FSDP's collectives)."""
+    """One forward and backward pass of the largest micro-batch the run allows, before the first
+    rollout: a run that cannot fit fails now, naming the flags to change. Every rank runs it."""
     ids = torch.randint(0, model.config.vocab_size, (args.micro_batch, args.max_seq_len), device=device)
     mask = torch.ones_like(ids)  # (b, T)
     model.train()
@@ -520,9 +478,8 @@ def memory_check(model, args: Args, device) -> None:
 
 
 def warm_start(model, tokenizer, envs, task_ids, args: Args, device, log, master: bool) -> None:
-    """Supervised epochs on scripted solutions before RL (the paper's SFT-GT idea; used for the
-    small offline model, which without it almost never writes a working cell). The loss is the
-    mean negative log-likelihood of the assistant tokens only."""
+    """Supervised epochs on scripted solutions before RL (the paper's SFT-GT idea; the small offline
+    model almost never writes a working cell without it): mean NLL of the assistant tokens."""
     episodes = scripted_episodes(tokenizer, envs, task_ids)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -616,9 +573,8 @@ def main(argv=None, envs=None, train_tasks=None, eval_tasks=None) -> list[dict]:
         eval_splits = {"train": train_tasks, args.eval_split: eval_tasks}
 
         def evaluate_and_keep_best(iteration: int) -> None:
-            """Evaluate; when eval_split's (TGC, SGC) beats best/'s, the model becomes best/: TGC
-            decides, SGC breaks a tie, a full tie keeps the earlier model. Every rank holds the same
-            gathered metrics, so all take the same branch (save_best is a collective)."""
+            """Evaluate; when eval_split's (TGC, SGC) beats best/'s, the model becomes best/ (a tie
+            keeps the earlier one). Every rank holds the same metrics, so all take the same branch."""
             nonlocal best
             row = dict(phase="eval", iteration=iteration, **evaluate(model, tokenizer, envs, eval_splits, args, rank, world_size))
             score = (row[f"{args.eval_split}_tgc"], row[f"{args.eval_split}_sgc"])
@@ -639,10 +595,7 @@ def main(argv=None, envs=None, train_tasks=None, eval_tasks=None) -> list[dict]:
             mine = my_share(draw, rank, world_size)
             # ---- 2. K rollouts per task
             t0 = time.time()
-            episodes = rollout.collect(sampler(model), tokenizer, envs, mine, args.k, temperature=args.temperature,
-                                       max_new_tokens=args.max_new_tokens, max_seq_len=args.max_seq_len,
-                                       score_cut=args.score_cut_episodes, gather_weights=args.sample_gathered,
-                                       progress=master)
+            episodes = collect(model, tokenizer, envs, mine, args.k, args, temperature=args.temperature)
             t_sample = time.time() - t0
             # ---- 3. leave-one-out advantages and the |A| filter (ALGO LOGIC lives in loop.py)
             adv, keep = advantages_for(episodes, args.k, args.estimator, args.adv_threshold)
