@@ -724,6 +724,15 @@ def _tiny(seed=0):
     return model.load(tiny=True)
 
 
+def _train_adapters(m, std, per_name_seed=False):
+    """Draw every LoRA B (zero at init) from N(0, std), as training would leave it, so the adapters
+    change the output; per_name_seed: each from its own generator, the same on every rank."""
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if ".lora_B" in n:
+                p.normal_(0, std, generator=torch.Generator().manual_seed(len(n)) if per_name_seed else None)
+
+
 def _plain_logprobs(m, ids, mask, temperature=1.0):
     """The reference: full (B, T, V) logits, log_softmax, gather."""
     pos = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, T)
@@ -779,10 +788,7 @@ def test_model_lora_no_grad_forward_caches_its_cast_until_a_step_changes_the_ada
     m, _ = model.load(tiny=True, dtype=torch.bfloat16)
     model.add_lora(m, r=4, alpha=6)  # scale 1.5: both paths must apply it the same way
     lora = [p for p in m.parameters() if p.requires_grad]
-    with torch.no_grad():
-        for n, p in m.named_parameters():
-            if ".lora_B" in n:
-                p.normal_(0, 0.05)
+    _train_adapters(m, 0.05)
     ids, mask = _padded_batch()
 
     def logits(grad):
@@ -816,10 +822,8 @@ def test_model_lora_starts_at_base_trains_only_adapters_and_merges(tmp_path):
     assert trainable and all(".lora_A" in n or ".lora_B" in n for n in trainable)
     assert len(trainable) == 2 * 7 * 2  # 7 projections x 2 layers x (A, B)
     assert all((p.grad is None) == (n not in trainable) for n, p in m.named_parameters())
+    _train_adapters(m, 0.1)
     with torch.no_grad():
-        for n, p in m.named_parameters():
-            if ".lora_B" in n:
-                p.normal_(0, 0.1)
         adapted = m(input_ids=ids, attention_mask=mask).logits  # (B, T, V)
     assert not torch.allclose(adapted, base, atol=1e-2)
     exported = model.export_state_dict(m)
@@ -852,10 +856,7 @@ def test_model_gradient_checkpointing_gives_the_same_gradients_and_recomputes():
 def test_model_save_gives_a_from_pretrained_checkpoint(tmp_path):
     m, tok = _tiny()
     model.add_lora(m)
-    with torch.no_grad():
-        for n, p in m.named_parameters():
-            if ".lora_B" in n:
-                p.normal_(0, 0.1)
+    _train_adapters(m, 0.1)
     ids, mask = _padded_batch()
     with torch.no_grad():
         adapted = m(input_ids=ids, attention_mask=mask).logits  # (B, T, V)
@@ -1180,10 +1181,7 @@ def _fsdp_rollout_worker():
     rank = dist.get_rank()
     m, tok = _tiny(seed=0)  # the same initial weights on both ranks
     model.add_lora(m, r=4, alpha=8)
-    with torch.no_grad():
-        for n, p in m.named_parameters():
-            if ".lora_B" in n:
-                p.normal_(0, 0.1, generator=torch.Generator().manual_seed(len(n)))
+    _train_adapters(m, 0.1, per_name_seed=True)
     reference = copy.deepcopy(m)  # unsharded
     m = model.shard(m)
     assert type(m).__name__.startswith("FSDP")
@@ -1290,10 +1288,7 @@ def test_train_resume_continues_exactly(tmp_path):
 def test_train_checkpoint_restores_the_trainable_weights_and_refuses_another_model(tmp_path):
     m, _ = _tiny()
     model.add_lora(m)
-    with torch.no_grad():
-        for n, p in m.named_parameters():
-            if ".lora_B" in n:
-                p.normal_(0, 0.1)
+    _train_adapters(m, 0.1)
     ids, mask = _padded_batch()
     with torch.no_grad():
         adapted = m(input_ids=ids, attention_mask=mask).logits  # (B, T, V)
@@ -1725,10 +1720,7 @@ def test_cuda_sampler_logprobs_match_the_learner_on_a_bfloat16_base():
     torch.manual_seed(0)
     m, tok = model.load(tiny=True, device="cuda")  # bfloat16
     model.add_lora(m, r=4, alpha=8)  # float32 adapters: the one model samples and learns
-    with torch.no_grad():
-        for n, p in m.named_parameters():
-            if ".lora_B" in n:
-                p.normal_(0, 0.05)
+    _train_adapters(m, 0.05)
     _eos_happy(m)
     temperature = 0.7
     eps = _collect(m, tok, ToyEnvs(slots=4), ["a", "bbbb", "cc"], 2, temperature=temperature, max_new_tokens=8)
