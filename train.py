@@ -34,7 +34,7 @@ import appworld_env
 import model as M
 import rollout
 from loop import grpo_advantages, keep_mask, leave_one_out, loop_loss
-from mini_world.play import play_solutions
+from mini_world.play import scripted_episodes
 
 
 def arg(default, help, choices=None):
@@ -435,24 +435,6 @@ def save_best(model, tokenizer, out: Path, master: bool) -> None:
             os.replace(best, old)
         os.replace(tmp, best)
         shutil.rmtree(old, ignore_errors=True)
-
-
-def scripted_episodes(tokenizer, envs, task_ids: list[str]) -> list[rollout.Episode]:
-    """Each task's scripted solution played through the environment (mini_world.play), laid out as
-    rollout.collect lays out an episode (our own text, so tokenising it is fine). Failed scripts go."""
-    episodes = []
-    for task_id, (messages, steps) in zip(task_ids, play_solutions(envs, task_ids)):
-        e = rollout.Episode(task_id=task_id)
-        e.append(rollout.prompt_ids(tokenizer, messages))
-        for text, r in steps:
-            ids = tokenizer.encode(text, add_special_tokens=False) + [tokenizer.eos_token_id]
-            e.append(ids, agent=True, logprobs=[0.0] * len(ids))
-            e.num_turns += 1
-            if not r.done:
-                e.append(rollout.observation_ids(tokenizer, r.observation))
-        e.reward, e.success = steps[-1][1].reward, steps[-1][1].success
-        episodes.append(e)
-    return [e for e in episodes if e.success]
 
 
 def memory_check(model, args: Args, device) -> None:
