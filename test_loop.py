@@ -33,7 +33,7 @@ import rollout
 import train
 from appworld_env import StepResult
 from loop import clipped_surrogate, grpo_advantages, importance_weights, keep_mask, leave_one_out, loop_loss
-from mini_world.play import NO_CODE, play_solutions
+from mini_world.play import NO_CODE, play_solutions, scripted_episodes
 from mini_world.scenarios import SCENARIOS
 
 torch.set_num_threads(1)  # with the other core busy (an env process), 2 threads slow torch down badly
@@ -1338,7 +1338,7 @@ def test_train_a_killed_worker_fails_its_episode_and_the_iteration_completes(tmp
 def test_train_warm_start_learns_the_scripted_tokens_and_resume_skips_it(tmp_path, pool, world_root, monkeypatch):
     tasks = env.load_task_ids("train", world_root, difficulties=(1,))[:2]
     _, tok = _tiny()
-    episodes = train.scripted_episodes(tok, pool, tasks)
+    episodes = scripted_episodes(tok, pool, tasks)
     assert [e.task_id for e in episodes] == tasks and all(e.success for e in episodes)
     for e in episodes:  # the agent tokens are exactly the script's turns, each closed by <|im_end|>
         want = [tok.encode(turn, add_special_tokens=False) + [tok.eos_token_id] for turn in env.solution(e.task_id, world_root)]

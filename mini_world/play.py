@@ -1,5 +1,6 @@
 """Scripted episodes through a real EnvPool: the mini-world's solutions (show_episode, the warm start)
 or any other turns (the tests' no-op and wrong-answer episodes)."""
+import rollout
 from appworld_env import DEFAULT_ROOT, EnvPool, StepResult
 from mini_world.scenarios import solution
 
@@ -25,6 +26,24 @@ def play_solutions(envs, task_ids: list[str], scripts: list[list[str]] | None = 
             slots = [s for s in slots if not steps[s][-1][1].done]
         played += zip(openings, steps)
     return played
+
+
+def scripted_episodes(tokenizer, envs, task_ids: list[str]) -> list[rollout.Episode]:
+    """Each task's scripted solution as a rollout.Episode laid out as rollout.collect lays one out (our
+    own text, so tokenising it is fine): train.py's warm start learns from them. Failed scripts go."""
+    episodes = []
+    for task_id, (messages, steps) in zip(task_ids, play_solutions(envs, task_ids)):
+        e = rollout.Episode(task_id=task_id)
+        e.append(rollout.prompt_ids(tokenizer, messages))
+        for text, r in steps:
+            ids = tokenizer.encode(text, add_special_tokens=False) + [tokenizer.eos_token_id]
+            e.append(ids, agent=True, logprobs=[0.0] * len(ids))
+            e.num_turns += 1
+            if not r.done:
+                e.append(rollout.observation_ids(tokenizer, r.observation))
+        e.reward, e.success = steps[-1][1].reward, steps[-1][1].success
+        episodes.append(e)
+    return [e for e in episodes if e.success]
 
 
 def show_episode(task_id: str, root: str = DEFAULT_ROOT, prompt: str = "paper") -> None:
