@@ -463,6 +463,7 @@ class EnvPool:
             shown += f"\n[... output truncated: {len(output) + hidden - len(shown)} more characters not shown]"
         return f"{shown.rstrip()}\n\n{reminder(info, self.prompt)}"
 
+    # ---------------------------------------------------------- the episodes' processes (sandbox.py)
     def _open(self, tasks: dict) -> dict:
         """A fresh episode process for each {slot: task_id}; returns {slot: its first reply, or why none}."""
         for slot, task_id in tasks.items():

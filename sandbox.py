@@ -1,12 +1,14 @@
-"""Where agent code runs: every episode in a fresh, confined fork of one trusted process (EnvPool's plumbing).
+"""Where agent code runs (EnvPool's plumbing): each episode in a fresh, confined fork of one trusted
+"zygote" process, and each score in another fresh fork.
 
 AppWorld freezes its process's clock (freezegun), times cells out with SIGALRM (main thread only), allows one
-open world per process and runs the agent's code in that process: so the trainer never imports it. A pool
-starts one trusted "zygote" process, which imports AppWorld and opens a world once so that later ones open
-fast; it never runs agent code nor loads a ground truth. Every episode is a fresh fork of it, confined
-(_confine), its world opened without the ground truth; every score is another fresh fork, which scores checked
-copies of the output databases once the episode's processes are gone. Each process talks to the pool on a
-socket of its own, in JSON (never pickle: it would run code the agent sent).
+open world per process and runs the agent's code in that process: so the trainer never imports it. The zygote
+imports AppWorld and opens a world once, so that later ones open fast; it never runs agent code nor loads a
+ground truth. Every episode is a fresh fork of it, confined (_confine: namespaces, a uid of its own, read-only
+files, rlimits), its world opened without the ground truth. Every score is another fresh fork, which scores
+checked copies of the output databases (_copy_outputs) once the episode's processes are gone: no patch the
+agent made in memory, and no link or stray SQL it left in its outputs, reaches the scorer. Each process talks
+to the pool on a socket of its own, in JSON (never pickle: it would run code the agent sent).
 """
 import json
 import os
