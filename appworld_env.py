@@ -1,9 +1,9 @@
-"""AppWorld as a multi-turn environment for LOOP: task lists and scores, the prompt, and EnvPool,
-which runs every episode in a fresh confined process.
+"""AppWorld as a multi-turn environment for LOOP: task lists and scores (TGC, SGC), the prompts, what
+happens to the agent's code, and EnvPool, which runs many episodes at once, each in a fresh confined
+process (sandbox.py).
 
     python appworld_env.py setup [--root DIR] [--force]     # build the offline mini-world (mini_world/)
     python appworld_env.py show likesong_1 [--prompt short]  # print an episode of a scripted solution
-    python appworld_env.py bench [--slots 4] [--rounds 3]    # time the pool's start, reset, step, score
 
 The real AppWorld engine (never a mock) runs either the mini-world (default: 48 tasks of our own, built
 under <repo>/appworld_root) or the real AppWorld data (`appworld download data --root DIR`, then
@@ -16,15 +16,12 @@ import argparse
 import json
 import os
 import re
-import shutil
-import signal
-import socket
 import subprocess
 import sys
-import time
 from dataclasses import dataclass, field
-from multiprocessing.connection import Connection, wait
-from multiprocessing.reduction import recv_handle, send_handle
+from multiprocessing.connection import Connection
+
+import sandbox
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_ROOT = os.environ.get("APPWORLD_ROOT") or os.path.join(REPO, "appworld_root")
@@ -37,7 +34,7 @@ REWARDS = ("fraction", "binary", "progress")
 def _missing_data_error(root: str) -> FileNotFoundError:
     return FileNotFoundError(
         f"No AppWorld data under {os.path.join(root, 'data')}. Build the offline mini-world with "
-        f"`python appworld_env.py setup --root {root}` (or appworld_env.setup_mini_world()), or, with "
+        f"`python appworld_env.py setup --root {root}` (or mini_world.build.setup_mini_world()), or, with "
         f"internet access, run `appworld download data --root DIR` and set APPWORLD_ROOT=DIR.")
 
 
@@ -89,22 +86,6 @@ def task_metrics(task_ids: list[str], successes: list[bool]) -> dict:
         by_scenario.setdefault(task_id.rsplit("_", 1)[0], []).append(bool(success))
     return {"tgc": sum(map(bool, successes)) / len(successes),
             "sgc": sum(all(s) for s in by_scenario.values()) / len(by_scenario)}
-
-
-# The mini-world's (mini_world/), imported when called because mini_world imports this module.
-def setup_mini_world(root: str = DEFAULT_ROOT, force: bool = False) -> None:
-    from mini_world.build import setup_mini_world
-    setup_mini_world(root, force)
-
-
-def is_mini_world(root: str = DEFAULT_ROOT) -> bool:
-    from mini_world.build import is_mini_world
-    return is_mini_world(root)
-
-
-def solution(task_id: str, root: str = DEFAULT_ROOT) -> list[str]:
-    from mini_world.scenarios import solution
-    return solution(task_id)
 
 
 # ==================================================================================== the prompt
@@ -256,14 +237,10 @@ def guard(code: str) -> str | None:
     except SyntaxError:
         return None  # AppWorld reports syntax errors itself
     for node in ast.walk(tree):
-        modules = []
-        if isinstance(node, ast.Import):
-            modules = [a.name.split(".")[0] for a in node.names]
-        elif isinstance(node, ast.ImportFrom):
-            modules = [(node.module or "").split(".")[0]]
-        bad = sorted(set(modules) & BLOCKED_MODULES)
-        if bad:
-            return f"Execution failed. Traceback:\nUsage of the following module is not allowed: {bad[0]}."
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
+            if bad := sorted({name.split(".")[0] for name in names} & BLOCKED_MODULES):
+                return f"Execution failed. Traceback:\nUsage of the following module is not allowed: {bad[0]}."
         if isinstance(node, ast.Name) and node.id in BLOCKED_NAMES:
             return f"Execution failed. Traceback:\nUsage of the following function is not allowed: {node.id}."
         dunder = (node.attr if isinstance(node, ast.Attribute) else
@@ -298,311 +275,6 @@ def run_cell(world, code: str) -> str:
         world.environment_io.clear()  # AppWorld keeps every cell and output for logs we do not write
 
 
-# ======================================================================== episodes in processes
-# AppWorld freezes its process's clock (freezegun), times cells out with SIGALRM (main thread only), allows
-# one open world per process and runs the agent's code in that process: so the trainer never imports it. A
-# pool starts one trusted "zygote" process, which imports AppWorld and opens a world once so that later ones
-# open fast; it never runs agent code nor loads a ground truth. Every episode is a fresh fork of it, confined
-# (_confine), its world opened without the ground truth; every score is another fresh fork, which checks and
-# scores the output databases once the episode's processes are gone. Each process talks to the pool on a
-# socket of its own, in JSON (never pickle: it would run code the agent sent).
-
-ENV_KEEP = ("PATH", "PYTHONPATH", "LD_LIBRARY_PATH", "LANG", "LC_ALL", "TZ")  # all the zygote gets of ours
-UID_BASE = 1 << 30  # as root, an episode runs as uid UID_BASE + its pid, which nothing else has
-LIMITS = {"RLIMIT_FSIZE": 64 << 20, "RLIMIT_AS": 4 << 30, "RLIMIT_CORE": 0}  # and NPROC, with a uid of its own
-SQL_VERBS = {"INSERT", "UPDATE", "DELETE", "CREATE", "DROP"}  # the statements AppWorld's change logs hold
-ISOLATION = ("own uid", "read-only files", "hidden ground truth", "no network", "own /proc")  # see _confine
-
-
-def _send(conn, message) -> None:
-    conn.send_bytes(json.dumps(message).encode())
-
-
-def _recv(conn, limit: int = 1 << 26):
-    return json.loads(conn.recv_bytes(limit))
-
-
-def _failed(reply) -> bool:
-    """A reply that says why there is none, or an error."""
-    return not isinstance(reply, dict) or "error" in reply
-
-
-def _remove_outputs(root: str, prefix: str) -> None:
-    """Delete the output folders of a zygote's episodes (their names start with its prefix)."""
-    outputs = os.path.join(root, "experiments", "outputs")
-    for name in os.listdir(outputs) if os.path.isdir(outputs) else []:
-        if name.startswith(prefix):
-            shutil.rmtree(os.path.join(outputs, name), ignore_errors=True)
-
-
-def _zygote_main(fd: int, root: str) -> None:
-    """The pool's trusted process: warm AppWorld up, answer {"ready"} (or {"error"}), serve, clean up."""
-    import gc
-    outputs, prefix = os.path.join(root, "experiments", "outputs"), f"envpool-{os.getpid()}-"
-    os.environ.update(APPWORLD_ROOT=root, HOME=os.path.join(outputs, prefix + "home"))  # for AppWorld, IPython
-    conn, env = Connection(fd), dict(os.environ)
-    try:
-        if os.geteuid() == 0:  # episodes run as other uids: they cannot enter these folders
-            for task in os.scandir(os.path.join(root, "data", "tasks")):
-                if os.path.isdir(os.path.join(task.path, "ground_truth")):
-                    os.chmod(os.path.join(task.path, "ground_truth"), 0o700)
-        os.makedirs(os.environ["HOME"], exist_ok=True)
-        import pytest  # noqa: F401  AppWorld's evaluation imports it: once here, not in every scorer
-        from appworld import AppWorld
-        from appworld.apps import model_lib
-        world = AppWorld(task_id=sorted(os.listdir(os.path.join(root, "data", "tasks")))[0],
-                         experiment_name=prefix + "warmup", load_ground_truth=False)
-        world.execute("apis.supervisor.show_profile()")  # a first API call has one-time costs too
-        world.close()
-        AppWorld.close_all()
-        model_lib.get_cached_db_engine.cache_clear()  # base databases left open read-write: not for episodes
-        model_lib.get_direct_cached_sqlite3_connection.cache_clear()
-        os.environ.clear()
-        os.environ.update(env)  # what appworld's import added goes (it loads .env files)
-        gc.collect()
-        gc.freeze()  # forks share these pages instead of copying them as the collector touches them
-    except BaseException as error:
-        _send(conn, {"error": f"{type(error).__name__}: {error}"})
-    else:
-        _send(conn, {"ready": True})
-        _zygote_serve(conn, root)
-    _remove_outputs(root, prefix)
-
-
-def _zygote_serve(conn, root: str) -> None:
-    """Requests, one at a time; those with a socket get a fresh fork, which serves it:
-    {"op": "episode", "task_id", "name", ...} + socket -> {"pid"}: an episode;
-    {"op": "end", "pid", "name", "sweep", "score", ...} -> kill the episode's process, then either
-        {"pid"} of a scorer (+ socket, if "score") or {} once its outputs are deleted; {"op": "close"}."""
-    import ctypes
-    if hasattr(ctypes.CDLL(None), "prctl"):  # PR_SET_CHILD_SUBREAPER: the agent's orphans are ours to reap
-        ctypes.CDLL(None).prctl(36, 1, 0, 0, 0)
-    children = set()
-    while True:
-        try:
-            request = _recv(conn)
-        except (EOFError, OSError):
-            break
-        try:  # reap what ended: our children and orphans of theirs
-            while pid := os.waitpid(-1, os.WNOHANG)[0]:
-                children.discard(pid)
-        except ChildProcessError:
-            pass
-        if request["op"] == "close":
-            break
-        if request["op"] == "end":
-            if request["pid"] in children:
-                os.kill(request["pid"], signal.SIGKILL)  # its PID namespace (if any) dies with it
-                os.waitpid(request["pid"], 0)
-                children.discard(request["pid"])
-            if request.get("sweep"):  # no PID namespace: kill what runs as the episode's uid
-                if not (helper := os.fork()):
-                    try:
-                        os.setuid(UID_BASE + request["pid"])  # never kill(-1) as root: if this fails, nothing is sent
-                        os.kill(-1, signal.SIGKILL)
-                    finally:
-                        os._exit(0)
-                os.waitpid(helper, 0)
-            if not request["score"]:
-                shutil.rmtree(os.path.join(root, "experiments", "outputs", request["name"]), ignore_errors=True)
-                _send(conn, {})
-                continue
-        sock = recv_handle(conn)
-        if not (pid := os.fork()):
-            try:
-                (_episode_main if request["op"] == "episode" else _score_main)(sock, root, request)
-            finally:
-                os._exit(0)
-        os.close(sock)
-        children.add(pid)
-        _send(conn, {"pid": pid})
-    for pid in children:
-        os.kill(pid, signal.SIGKILL)
-        os.waitpid(pid, 0)
-
-
-def _episode_main(fd: int, root: str, request: dict) -> None:
-    """In a fresh fork of the zygote: confine this process, open the task's world, run the agent's cells."""
-    conn = Connection(fd)
-    try:
-        os.setsid()  # no signals from the trainer's terminal
-        null = os.open(os.devnull, os.O_RDWR)
-        for std in (0, 1, 2):  # nothing written to the trainer's terminal or logs
-            os.dup2(null, std)
-        os.closerange(3, fd)  # no inherited file (the zygote's socket, ...) left for the agent
-        os.closerange(fd + 1, 1 << 16)
-        isolation = _confine(root, request["task_id"], request["name"])
-        if isolation is None:
-            return  # the parent of the agent's process, which has now ended
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # over the file size limit, a write fails instead
-        from appworld import AppWorld
-        world = AppWorld(task_id=request["task_id"], experiment_name=request["name"], load_ground_truth=False,
-                         timeout_seconds=request["exec_timeout"])
-        world.save_logs = lambda: None  # nobody reads AppWorld's logs, and their writer fails on some outputs
-        task = world.task
-        _send(conn, {"instruction": task.instruction, "datetime": str(task.datetime), "isolation": isolation,
-                     "supervisor": {k: task.supervisor[k] for k in ("first_name", "last_name", "email", "phone_number")}})
-    except BaseException as error:
-        _send(conn, {"error": f"{type(error).__name__}: {error}"})
-        return
-    limit = request["max_raw_chars"]
-    while True:
-        try:
-            code = _recv(conn)["code"]
-        except (EOFError, OSError):
-            return
-        try:
-            output = run_cell(world, code)
-        except BaseException as error:  # in AppWorld's own work after a cell that broke the world
-            output = f"Execution failed. Traceback:\n{type(error).__name__}: {error}"
-        output = output.encode("utf-8", "replace").decode()  # no lone surrogates
-        try:
-            completed = world.task_completed()
-        except BaseException:
-            completed = False
-        _send(conn, {"output": output[:limit], "hidden": max(0, len(output) - limit), "completed": completed})
-
-
-def _confine(root: str, task_id: str, name: str) -> list[str] | None:
-    """Take from this process what agent code must not have, as far as the platform allows; returns what was
-    taken (see ISOLATION). Forks once: the parent only waits for the confined child, and gets None."""
-    import ctypes
-    import resource
-    libc = ctypes.CDLL(None, use_errno=True)
-    MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_BIND, MS_REC, MS_PRIVATE = 2, 4, 8, 4096, 0x4000, 0x40000
-    NEWNS, NEWIPC, NEWUSER, NEWPID, NEWNET = 0x20000, 0x8000000, 0x10000000, 0x20000000, 0x40000000
-
-    def call(function, *args):
-        if function(*args) != 0:
-            raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()))
-
-    def prctl(option, value):
-        if hasattr(libc, "prctl"):  # Linux only
-            call(libc.prctl, option, value, 0, 0, 0)
-
-    def mount(source, target, kind=None, flags=0, options=None):
-        call(libc.mount, source.encode(), target.encode(), kind and kind.encode(), flags, options and options.encode())
-
-    def set_read_only(path, read_only, recursive):  # mount_setattr(2), system call 442 on every architecture
-        attr = (ctypes.c_uint64 * 4)(int(read_only), int(not read_only), 0, 0)
-        call(libc.syscall, 442, -100, path.encode(), 0x8000 if recursive else 0, attr, ctypes.sizeof(attr))
-
-    def show_only(folder, entries):  # an empty tmpfs over `folder`, into which `entries` are bound again
-        handles = {entry: os.open(os.path.join(folder, entry), os.O_PATH) for entry in entries}
-        mount("tmpfs", folder, "tmpfs", 0, "size=64k,mode=755")
-        for entry, handle in handles.items():
-            target = os.path.join(folder, entry)
-            if os.path.isdir(f"/proc/self/fd/{handle}"):
-                os.mkdir(target)
-            else:
-                open(target, "w").close()
-            mount(f"/proc/self/fd/{handle}", target, flags=MS_BIND | MS_REC)
-
-    prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG: dies with the zygote (and its child with it, below)
-    root_user, uid, gid = os.geteuid() == 0, os.getuid(), os.getgid()
-    own_uid = UID_BASE + os.getpid()  # as root: a uid nothing else has
-    closed = {}  # as root: {folder that own_uid could not enter: its entries on the way to Python or the data}
-    for path in {os.path.realpath(p) for p in [*sys.path, root] if root_user and os.path.exists(p)}:
-        parts = path.strip("/").split("/")
-        for depth in range(len(parts)):
-            if not os.stat("/" + "/".join(parts[:depth])).st_mode & 0o001:
-                closed.setdefault("/" + "/".join(parts[:depth]), set()).add(parts[depth])
-    tasks, out = os.path.join(root, "data", "tasks"), os.path.join(root, "experiments", "outputs", name)
-    os.mkdir(out, 0o700)
-    if root_user:
-        os.chown(out, own_uid, own_uid)
-    try:  # as root, namespaces need CAP_SYS_ADMIN; otherwise, unprivileged user namespaces
-        call(libc.unshare, NEWNS | NEWIPC | NEWPID | NEWNET | (0 if root_user else NEWUSER))
-        if not root_user:
-            for file, text in (("setgroups", "deny"), ("uid_map", f"{uid} {uid} 1"), ("gid_map", f"{gid} {gid} 1")):
-                with open(f"/proc/self/{file}", "w") as handle:
-                    handle.write(text)
-        namespaces = True
-    except (OSError, AttributeError):
-        namespaces = False
-    if child := os.fork():  # the first process of the new PID namespace: the agent's processes die with it
-        os.closerange(3, 1 << 16)  # the socket too: the trainer sees the episode end when the child does
-        os.waitpid(child, 0)
-        return None
-    prctl(1, int(signal.SIGKILL))
-    isolation = []
-    if namespaces:
-        try:
-            mount("none", "/", flags=MS_REC | MS_PRIVATE)
-            for folder in sorted(closed, key=len):  # outer folders first
-                show_only(folder, closed[folder])
-            closed = {}
-            show_only(tasks, [task_id])
-            if os.path.isdir(os.path.join(tasks, task_id, "ground_truth")):
-                mount("tmpfs", os.path.join(tasks, task_id, "ground_truth"), "tmpfs", 0, "size=4k")
-            show_only(os.path.dirname(out), [name])
-            set_read_only("/", True, recursive=True)
-            set_read_only(out, False, recursive=False)
-            try:
-                mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
-                isolation.append("own /proc")
-            except OSError:
-                pass  # some containers refuse a new /proc in a user namespace
-            if not root_user:  # a new user namespace locks the mounts above: the agent cannot undo them
-                call(libc.unshare, NEWUSER | NEWNS)
-            isolation += ["read-only files", "hidden ground truth", "no network"]
-        except OSError:
-            pass
-    if root_user and not closed:  # with Python or the data in a closed folder, the own uid could not import
-        resource.setrlimit(resource.RLIMIT_NPROC, (256, 256))  # counted per uid: this one alone
-        os.setgroups([])
-        os.setgid(own_uid)
-        os.setuid(own_uid)
-        prctl(1, int(signal.SIGKILL))  # a change of uid cleared it
-        isolation.append("own uid")
-    for limit, value in LIMITS.items():
-        resource.setrlimit(getattr(resource, limit), (value, value))
-    prctl(38, 1)  # PR_SET_NO_NEW_PRIVS: no setuid programs
-    os.environ.update(HOME=out, TMPDIR=out)  # where IPython, sqlite and tempfile write
-    os.chdir(out)
-    return isolation
-
-
-def _score_main(fd: int, root: str, request: dict) -> None:
-    """In a fresh fork of the zygote: score an ended episode from a checked copy of its output
-    databases, then delete them. No agent code ever ran in this process or its parent."""
-    signal.alarm(max(1, int(request["timeout"])))  # ends this process if scoring hangs
-    outputs, task_id, checked = os.path.join(root, "experiments", "outputs"), request["task_id"], request["name"] + "-checked"
-    try:
-        _copy_outputs(os.path.join(outputs, request["name"]), task_id, os.path.join(outputs, checked, "tasks", task_id, "dbs"))
-        from appworld.evaluator import evaluate_task
-        tracker = evaluate_task(task_id, checked, suppress_errors=True, save_report=False)
-        reply = {"success": tracker.success, "pass_count": tracker.pass_count, "num_tests": tracker.num_tests,
-                 "passed_labels": [p["label"] for p in tracker.passes],
-                 "failed_labels": [f["label"] for f in tracker.failures],
-                 "failures": [f["requirement"] for f in tracker.failures]}
-    except Exception as error:  # the agent can write its output folder: broken outputs score 0
-        reply = {"error": f"{type(error).__name__}: {error}"}
-    for name in (request["name"], checked):
-        shutil.rmtree(os.path.join(outputs, name), ignore_errors=True)
-    _send(Connection(fd), reply)
-
-
-def _copy_outputs(folder: str, task_id: str, target: str) -> None:
-    """Copy an episode's output databases, checking them on the way (what is scored is the bytes checked): no
-    links, only AppWorld's files, only SQL statements that change a database (not ATTACH, ..., which reach files)."""
-    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-    for part in ("tasks", task_id, "dbs"):
-        fd = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
-    os.makedirs(target, 0o700)
-    for entry in os.scandir(fd):
-        if not (entry.is_file(follow_symlinks=False) and
-                (entry.name.endswith(".jsonl") or entry.name == "model_hashes.json")):
-            raise ValueError(f"unexpected {entry.name!r} among the output databases")
-        with open(entry.name, "rb", opener=lambda path, flags: os.open(path, flags | os.O_NOFOLLOW, dir_fd=fd)) as file:
-            data = file.read()
-        for line in data.splitlines() if entry.name.endswith(".jsonl") else []:
-            if line.strip() and json.loads(line)[0].split(None, 1)[0].upper() not in SQL_VERBS:
-                raise ValueError(f"{entry.name} holds a statement that is not a change: {line[:80]!r}")
-        with open(os.path.join(target, entry.name), "wb") as file:
-            file.write(data)
-
-
 # ===================================================================================== the pool
 
 @dataclass
@@ -629,9 +301,9 @@ class _Episode:
 
 
 class EnvPool:
-    """`size` episode slots, each episode in a fresh process of its own; `reset`, `step` and `score` serve
-    lists of slots in parallel. Whatever the agent's code is or does is an observation; an episode whose
-    process dies or misses its deadline ends with reward 0 and info["env_failed"].
+    """`size` episode slots; `reset`, `step` and `score` serve lists of slots in parallel, each episode in a
+    fresh confined process (sandbox.py). Whatever the agent's code is or does is an observation; an episode
+    whose process dies or misses its deadline ends with reward 0 and info["env_failed"].
 
     reward: "fraction" of the task's unit tests that pass (the paper's); "binary", 1 if all pass;
         "progress", the fraction among the tests a no-op episode fails (AppWorld's "no_op_fail"
@@ -657,14 +329,12 @@ class EnvPool:
         ensure_appworld_installed()
         self.root = os.path.abspath(root)
         self.max_interactions, self.reward, self.prompt = max_interactions, reward, prompt
-        self.tokenizer, self.max_obs_tokens = tokenizer, max_obs_tokens
-        self.timeout, self.start_timeout = timeout, start_timeout
+        self.tokenizer, self.max_obs_tokens, self.timeout = tokenizer, max_obs_tokens, timeout
         self.exec_timeout = max(1, int(min(exec_timeout, timeout - 1)))  # AppWorld's alarm first: the episode goes on
         self.max_raw_chars = 8 * max_obs_tokens  # huge outputs are cut in the episode, before the socket
-        self.isolation = None  # what the episodes' processes are kept from: known at the first reset
+        self.isolation = None  # what the episodes' processes are kept from (see sandbox.ISOLATION): known at reset
         self._episodes: list[_Episode | None] = [None] * size
-        self._count, self._zygote = 0, None
-        self._start_zygote()
+        self._zygote = sandbox.Zygote(self.root, timeout, start_timeout)  # forks every episode and scorer
 
     def __len__(self) -> int:
         return len(self._episodes)
@@ -684,16 +354,16 @@ class EnvPool:
             if self._episodes[slot] is not None and not self._episodes[slot].done:
                 self._end(slot)
         replies = self._open(dict(zip(slots, task_ids)))
-        replies.update(self._open({s: t for s, t in zip(slots, task_ids) if _failed(replies[s])}))  # once more
+        replies.update(self._open({s: t for s, t in zip(slots, task_ids) if sandbox.failed(replies[s])}))  # once more
         messages = []
         for slot, task_id in zip(slots, task_ids):
             reply = replies[slot]
-            if _failed(reply):
+            if sandbox.failed(reply):
                 raise RuntimeError(f"Could not open task {task_id} in slot {slot}: "
                                    f"{reply['error'] if isinstance(reply, dict) else reply}")
             if self.isolation is None:
                 self.isolation = reply["isolation"]
-                if missing := sorted(set(ISOLATION) - set(self.isolation)):
+                if missing := sorted(set(sandbox.ISOLATION) - set(self.isolation)):
                     print(f"EnvPool: agent code runs without: {', '.join(missing)} (this platform does not "
                           "allow them; see the README's Isolation section)", file=sys.stderr)
             episode = self._episodes[slot]
@@ -793,78 +463,11 @@ class EnvPool:
             shown += f"\n[... output truncated: {len(output) + hidden - len(shown)} more characters not shown]"
         return f"{shown.rstrip()}\n\n{reminder(info, self.prompt)}"
 
-    # ------------------------------------------------------------------------- the processes
-    def _start_zygote(self) -> None:
-        """Start the zygote in a minimal environment; one that dies or misses start_timeout is tried once more."""
-        for attempt in range(2):
-            ours, theirs = socket.socketpair()
-            command = [sys.executable, "-c", f"import sys; sys.path[0] = {REPO!r}; import appworld_env; "
-                                             f"appworld_env._zygote_main({theirs.fileno()}, {self.root!r})"]
-            process = subprocess.Popen(command, pass_fds=[theirs.fileno()], cwd=REPO, start_new_session=True,
-                                       env={k: os.environ[k] for k in ENV_KEEP if k in os.environ})
-            theirs.close()
-            conn = Connection(ours.detach())
-            try:
-                reply = _recv(conn) if conn.poll(self.start_timeout) else {
-                    "failed": f"it did not answer within {self.start_timeout:.0f} s (start_timeout)"}
-            except (EOFError, OSError) as error:
-                reply = {"failed": f"it died (exit code {process.wait()}): {error!r}"}
-            if "ready" in reply:
-                self._zygote = (process, conn)
-                return
-            process.kill()
-            process.wait()
-            conn.close()
-            if "error" in reply or attempt:
-                raise RuntimeError(f"AppWorld did not start for {self.root}: {reply.get('error') or reply['failed']}"
-                                   f"{' (tried twice)' if attempt else ''}\nCheck that `python -c 'import appworld'` "
-                                   "works and that the data there is complete.")
-
-    def _stop_zygote(self, polite: bool) -> None:
-        process, conn = self._zygote
-        try:
-            if polite:
-                _send(conn, {"op": "close"})  # it kills its episodes and deletes their outputs
-                process.wait(30)
-        except (OSError, subprocess.TimeoutExpired):
-            pass
-        process.kill()
-        process.wait()
-        conn.close()
-        self._zygote = None
-        _remove_outputs(self.root, f"envpool-{process.pid}-")  # what it left, if it could not clean up
-
-    def _ask_zygote(self, message: dict, fork: bool = False):
-        """Send the zygote a request; with `fork`, also a socket for the process it forks: returns (our end, its pid).
-        A zygote that died or hangs is replaced (its episodes died with it) and asked again, once."""
-        ours, theirs = socket.socketpair() if fork else (None, None)
-        try:
-            for attempt in range(2):
-                process, conn = self._zygote
-                try:
-                    _send(conn, message)
-                    if fork:
-                        send_handle(conn, theirs.fileno(), process.pid)
-                    if conn.poll(self.timeout):
-                        reply = _recv(conn)
-                        return (Connection(ours.detach()), reply["pid"]) if fork else reply
-                except (EOFError, OSError):
-                    pass
-                if attempt:
-                    raise RuntimeError("AppWorld's zygote process failed twice in a row.")
-                self._stop_zygote(polite=False)
-                self._start_zygote()
-        finally:
-            if fork:
-                theirs.close()
-
+    # ---------------------------------------------------------- the episodes' processes (sandbox.py)
     def _open(self, tasks: dict) -> dict:
         """A fresh episode process for each {slot: task_id}; returns {slot: its first reply, or why none}."""
         for slot, task_id in tasks.items():
-            self._count += 1
-            name = f"envpool-{self._zygote[0].pid}-{self._count}"
-            conn, pid = self._ask_zygote({"op": "episode", "task_id": task_id, "name": name, "exec_timeout":
-                                          self.exec_timeout, "max_raw_chars": self.max_raw_chars}, fork=True)
+            name, conn, pid = self._zygote.open(task_id, self.exec_timeout, self.max_raw_chars)
             self._episodes[slot] = _Episode(task_id, name, pid, conn)
         return self._exchange(dict.fromkeys(tasks), self.timeout)
 
@@ -874,36 +477,15 @@ class EnvPool:
         episode = self._episodes[slot]
         episode.done = True
         episode.conn.close()
-        isolation = self.isolation or ()
-        sweep = "own uid" in isolation and "read-only files" not in isolation  # no PID namespace to die with
-        return self._ask_zygote({"op": "end", "pid": episode.pid, "name": episode.name, "task_id": episode.task_id,
-                                 "sweep": sweep, "score": score, "timeout": self.timeout}, fork=score)
+        return self._zygote.end(episode.pid, episode.name, episode.task_id, self.isolation or (), score)
 
     def _exchange(self, messages: dict, timeout: float) -> dict:
         """Send {slot: message (or None)} to the slots' processes and gather their replies until the deadline:
         {slot: the reply, or a string saying why there is none}. A process that sent none, or an error, is killed."""
-        replies, pending = {}, {}
-        for slot, message in messages.items():
-            conn = self._episodes[slot].conn
-            try:
-                if message is not None:
-                    _send(conn, message)
-                pending[conn] = slot
-            except OSError as error:
-                replies[slot] = f"its process died ({error!r})"
-        deadline = time.monotonic() + timeout
-        while pending and (ready := wait(list(pending), max(0.0, deadline - time.monotonic()))):
-            for conn in ready:
-                slot = pending.pop(conn)
-                try:
-                    reply = _recv(conn, 12 * self.max_raw_chars + (1 << 16))
-                    replies[slot] = reply if isinstance(reply, dict) else "its process sent a malformed reply"
-                except (EOFError, OSError, ValueError) as error:
-                    replies[slot] = f"its process died ({error!r})"
-        for slot in pending.values():
-            replies[slot] = f"its process did not answer within {timeout:.0f} s; it was killed"
+        replies = sandbox.exchange({slot: (self._episodes[slot].conn, message) for slot, message in messages.items()},
+                                   timeout, limit=12 * self.max_raw_chars + (1 << 16))
         for slot, reply in replies.items():
-            if _failed(reply):
+            if sandbox.failed(reply):
                 self._end(slot)
         return replies
 
@@ -911,8 +493,7 @@ class EnvPool:
         for episode in self._episodes:
             if episode is not None:
                 episode.conn.close()
-        if self._zygote is not None:
-            self._stop_zygote(polite=True)
+        self._zygote.stop(polite=True)
 
     def __enter__(self):
         return self
@@ -933,36 +514,16 @@ def ensure_appworld_installed() -> None:
 
 # ====================================================================================== the CLI
 
-def bench(root: str, slots: int, rounds: int) -> None:
-    """Print what the environment costs: the pool's start, then `rounds` times a reset, a step (one
-    API call) and a score of `slots` episodes at once."""
-    train = load_task_ids("train", root)
-    tasks, ids = [train[i % len(train)] for i in range(slots)], list(range(slots))
-    cell = '```python\nprint(apis.supervisor.show_profile()["first_name"])\n```'
-    start, times = time.perf_counter(), {"reset": [], "step": [], "score": []}
-    with EnvPool(slots, root) as pool:
-        print(f"pool start (the zygote imports AppWorld, opens a world): {time.perf_counter() - start:.2f} s")
-        for _ in range(rounds):
-            for op, call in (("reset", lambda: pool.reset(ids, tasks)), ("step", lambda: pool.step(ids, [cell] * slots)),
-                             ("score", lambda: pool.score(ids))):
-                start = time.perf_counter()
-                call()
-                times[op].append(time.perf_counter() - start)
-    for op, seconds in times.items():
-        print(f"{op} of {slots} episodes at once, s per round: {' '.join(f'{s:.2f}' for s in seconds)}")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", choices=("setup", "show", "bench"))
+    parser.add_argument("command", choices=("setup", "show"))
     parser.add_argument("task_id", nargs="?", help="show: the task whose scripted solution plays an episode")
     parser.add_argument("--root", default=DEFAULT_ROOT, help="AppWorld root (its data is in ROOT/data)")
     parser.add_argument("--force", action="store_true", help="setup: rebuild even if already built")
     parser.add_argument("--prompt", default="paper", choices=tuple(PROMPTS), help="show: the prompt")
-    parser.add_argument("--slots", type=int, default=4, help="bench: episodes at once")
-    parser.add_argument("--rounds", type=int, default=3, help="bench: rounds of reset, step and score")
     args = parser.parse_args()
     if args.command == "setup":
+        from mini_world.build import setup_mini_world  # mini_world imports this module
         setup_mini_world(args.root, force=args.force)
         print(f"mini-world ready in {os.path.join(os.path.abspath(args.root), 'data')}")
     elif args.command == "show":
@@ -970,8 +531,6 @@ def main() -> None:
             parser.error("show needs a task id, e.g. likesong_1")
         from mini_world.play import show_episode
         show_episode(args.task_id, args.root, args.prompt)
-    else:
-        bench(args.root, args.slots, args.rounds)
 
 
 if __name__ == "__main__":

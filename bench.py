@@ -4,6 +4,7 @@ measured in the same run (issue 4).
     python bench.py                      # everything, tiny model and SmolLM2-135M (< 15 min on 2 CPU cores)
     python bench.py --quick              # a ~2 minute subset (mostly the tiny model)
     python bench.py --only 1,5 --json runs/bench.json --threads 2
+    python bench.py --env [--slots 4] [--rounds 3]   # the environment alone: EnvPool's start, reset, step, score
 
 The figures (goal in brackets):
  1. Memory claim: peak memory of one LOOP update (train.ppo_update: old log-probs recompute, loss,
@@ -83,6 +84,7 @@ import appworld_env
 import model as M
 import rollout
 import train
+from mini_world.build import setup_mini_world
 
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
@@ -515,7 +517,7 @@ def iteration_child(model_name, flags, warm_slots=True):
 
     args = train.parse_args(flags)
     model, tokenizer = load_model(model_name, lora=args.lora_rank > 0, checkpointing=args.gradient_checkpointing)
-    appworld_env.setup_mini_world(args.appworld_root)
+    setup_mini_world(args.appworld_root)
     tasks = appworld_env.load_task_ids(args.train_split, args.appworld_root,
                                        difficulties=tuple(int(d) for d in args.difficulties.split(",")))
     envs = appworld_env.EnvPool(args.env_workers, args.appworld_root, max_interactions=args.max_interactions,
@@ -777,6 +779,28 @@ def _row(figure, model_name, what, a, b, key, goal, check, unit=""):
         fmt = lambda r: f"{r[key]:.2f} {unit}"
     return dict(figure=figure, model=model_name, what=what, value=fmt(a), baseline=fmt(b), ratio=ratio,
                 goal=goal, met=check(round(ratio, 2)) if check else None)
+
+
+# ------------------------------------------------------------------------ the environment (--env)
+
+
+def env_bench(root, slots, rounds):
+    """Print what the environment costs: the pool's start, then `rounds` times a reset, a step (one
+    API call) and a score of `slots` episodes at once."""
+    train = appworld_env.load_task_ids("train", root)
+    tasks, ids = [train[i % len(train)] for i in range(slots)], list(range(slots))
+    cell = '```python\nprint(apis.supervisor.show_profile()["first_name"])\n```'
+    start, times = time.perf_counter(), {"reset": [], "step": [], "score": []}
+    with appworld_env.EnvPool(slots, root) as pool:
+        print(f"pool start (the zygote imports AppWorld, opens a world): {time.perf_counter() - start:.2f} s")
+        for _ in range(rounds):
+            for op, call in (("reset", lambda: pool.reset(ids, tasks)), ("step", lambda: pool.step(ids, [cell] * slots)),
+                             ("score", lambda: pool.score(ids))):
+                start = time.perf_counter()
+                call()
+                times[op].append(time.perf_counter() - start)
+    for op, seconds in times.items():
+        print(f"{op} of {slots} episodes at once, s per round: {' '.join(f'{s:.2f}' for s in seconds)}")
 
 
 # ------------------------------------------------------------------------- GPU figures (--gpu)
@@ -1108,7 +1132,14 @@ def main():
     parser.add_argument("--gpu-new-tokens", type=int, default=g.new_tokens, help=f"G1: tokens per turn (default {g.new_tokens})")
     parser.add_argument("--gpu-lengths", default=",".join(map(str, g.lengths)), help="G2: tokens per micro-batch, comma-separated")
     parser.add_argument("--gpu-context", type=int, default=g.context, help=f"G3: tokens each live episode holds (default {g.context})")
+    parser.add_argument("--env", action="store_true", help="time the environment alone (EnvPool) instead")
+    parser.add_argument("--slots", type=int, default=4, help="--env: episodes at once")
+    parser.add_argument("--rounds", type=int, default=3, help="--env: rounds of reset, step and score")
+    parser.add_argument("--root", default=appworld_env.DEFAULT_ROOT, help="--env: AppWorld root (its data is in ROOT/data)")
     args = parser.parse_args()
+    if args.env:
+        env_bench(args.root, args.slots, args.rounds)
+        return
     if args.gpu:
         if not torch.cuda.is_available():
             sys.exit("bench.py --gpu needs a GPU: torch sees no CUDA device here. The CPU figures run without --gpu.")

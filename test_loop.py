@@ -33,8 +33,9 @@ import rollout
 import train
 from appworld_env import StepResult
 from loop import clipped_surrogate, grpo_advantages, importance_weights, keep_mask, leave_one_out, loop_loss
+from mini_world.build import is_mini_world, setup_mini_world
 from mini_world.play import NO_CODE, play_solutions, scripted_episodes
-from mini_world.scenarios import SCENARIOS
+from mini_world.scenarios import SCENARIOS, solution
 
 torch.set_num_threads(1)  # with the other core busy (an env process), 2 threads slow torch down badly
 
@@ -248,7 +249,7 @@ def test_bad_options_are_rejected_by_name():
 
 @pytest.fixture(scope="session")
 def world_root():
-    env.setup_mini_world()
+    setup_mini_world()
     return env.DEFAULT_ROOT
 
 
@@ -284,7 +285,7 @@ def test_env_mini_world_has_enough_tasks_apps_and_a_held_out_dev_split(world_roo
     assert len(easy) >= 6 and set(easy) < set(env.load_task_ids("train", difficulties=(1, 2)))
     assert env.load_task_ids("test_normal") == dev
     for task_id in train + dev:  # scripted turns: short messages with one python block each
-        turns = env.solution(task_id)
+        turns = solution(task_id)
         assert 1 <= len(turns) <= 4 and all(t.count("```python") == 1 for t in turns)
     with pytest.raises(ValueError, match="Unknown split"):
         env.load_task_ids("validation")
@@ -294,7 +295,7 @@ def test_env_mini_world_has_enough_tasks_apps_and_a_held_out_dev_split(world_roo
 
 def test_env_setup_is_idempotent_and_fast_the_second_time(world_root):
     start = time.time()
-    env.setup_mini_world()
+    setup_mini_world()
     assert time.time() - start < 5
     command = [sys.executable, os.path.join(env.REPO, "appworld_env.py"), "setup"]  # the same, by hand
     done = subprocess.run(command, capture_output=True, text=True, timeout=120)
@@ -313,7 +314,8 @@ def test_env_cli_shows_a_scripted_episode_and_times_the_pool(world_root):
     shown = run("show", "venmopay_2", "--prompt", "short")
     assert shown.returncode == 0 and shown.stdout.count("----- assistant") == 2, shown.stderr
     assert shown.stdout.rstrip().endswith("----- done: reward 1.0, success True, 3/3 tests passed")
-    timed = run("bench", "--slots", "2", "--rounds", "2")
+    timed = subprocess.run([sys.executable, os.path.join(env.REPO, "bench.py"), "--env", "--slots", "2", "--rounds", "2"],
+                           capture_output=True, text=True, timeout=300)
     assert timed.returncode == 0 and timed.stdout.startswith("pool start"), timed.stderr
     for op in ("reset", "step", "score"):
         assert re.search(rf"^{op} of 2 episodes at once, s per round: [0-9.]+ [0-9.]+$", timed.stdout, re.M), timed.stdout
@@ -337,7 +339,7 @@ def test_env_scripted_solution_succeeds_and_noop_and_wrong_answer_do_not(pool, s
     """AppWorld's own evaluation decides: solution -> reward 1; doing nothing or answering wrong -> < 1."""
     ids = [f"{scenario}_{n}" for n in (1, 2, 3)]
     wrong = '```python\napis.supervisor.complete_task(answer="not the answer")\n```'
-    results = _play(pool, ids * 3, [env.solution(t) for t in ids] + [[]] * 3 + [[wrong]] * 3)
+    results = _play(pool, ids * 3, [solution(t) for t in ids] + [[]] * 3 + [[wrong]] * 3)
     for task_id, r in zip(ids, results[:3]):
         assert (r.reward, r.success, r.pass_count) == (1.0, True, r.num_tests), (task_id, r)
     for task_id, r in zip(ids * 2, results[3:]):
@@ -357,7 +359,7 @@ def test_env_reward_modes_fraction_binary_progress(pool):
     assert rewards == {"fraction": [1 / 2, 2 / 3], "binary": [0.0, 0.0], "progress": [0.0, 0.0]}
     # the song liked but complete_task never called: the interaction limit ends the episode, which
     # is scored as it stands (in full here: these checks look at the databases, not the status)
-    login, like = env.solution("likesong_1")
+    login, like = solution("likesong_1")
     result = _play(pool, ["likesong_1"], [[login, like.replace("apis.supervisor.complete_task()", "")]])[0]
     assert result.reward == 1.0 and result.info["completed"] is False
     assert "Interaction limit (20) reached" in result.observation
@@ -442,7 +444,7 @@ def test_env_bad_inputs_get_clear_observations_and_the_episode_goes_on(pool, wor
         assert "Task: What is my date of birth?" in result.observation  # the reminder
         assert len(result.observation) < 4 * 3000 + 500  # the 10 MB print arrived cut
     assert pool.worker_pid(0) == pid  # AppWorld's own alarm stopped the loop: same worker
-    result = pool.step([0], env.solution("birthday_1"))[0]  # and the task can still be solved
+    result = pool.step([0], solution("birthday_1"))[0]  # and the task can still be solved
     assert result.done and result.reward == 1.0
 
 
@@ -482,15 +484,15 @@ def test_env_unknown_task_and_missing_data_give_clear_errors(pool, tmp_path):
             call()
     with pytest.raises(ValueError, match="No slot 5"):
         pool.reset([5], ["birthday_1"])
-    assert env.is_mini_world(str(tmp_path)) and env.is_mini_world()
+    assert is_mini_world(str(tmp_path)) and is_mini_world()
     (tmp_path / "data" / "tasks").mkdir(parents=True)  # someone else's data, e.g. the real download
-    assert not env.is_mini_world(str(tmp_path))
+    assert not is_mini_world(str(tmp_path))
     with pytest.raises(RuntimeError, match="refusing to overwrite"):
-        env.setup_mini_world(str(tmp_path))
+        setup_mini_world(str(tmp_path))
 
 
 def test_env_two_workers_on_the_same_task_keep_independent_state(pool):
-    pay = env.solution("venmopay_1")
+    pay = solution("venmopay_1")
     other = pay[-1].replace("amount=14", "amount=99")
     pool.reset([0, 1], ["venmopay_1", "venmopay_1"])
     pool.step([0, 1], [pay[0], pay[0]])
@@ -515,13 +517,13 @@ def test_env_a_worker_killed_mid_episode_is_replaced(pool):
     dead, alive = pool.step([0, 1], ["```python\nprint(1)\n```"] * 2)
     assert dead.done and dead.reward == 0.0 and dead.info["env_failed"] and "died" in dead.info["error"]
     assert not alive.done and alive.observation.startswith("1")  # the other episode is untouched
-    assert _play(pool, ["notecount_1"], [env.solution("notecount_1")])[0].reward == 1.0
+    assert _play(pool, ["notecount_1"], [solution("notecount_1")])[0].reward == 1.0
 
 
 def test_env_a_killed_zygote_fails_its_running_episodes_and_is_replaced(pool):
     pool.reset([0], ["birthday_1"])
     episode = pool.worker_pid(0)
-    os.kill(pool._zygote[0].pid, signal.SIGKILL)  # the pool's one AppWorld process, which forks the episodes
+    os.kill(pool._zygote.process.pid, signal.SIGKILL)  # the pool's one AppWorld process, which forks the episodes
     for _ in range(100):  # its episodes die with it, a moment later
         try:
             with open(f"/proc/{episode}/stat") as file:
@@ -533,12 +535,12 @@ def test_env_a_killed_zygote_fails_its_running_episodes_and_is_replaced(pool):
     time.sleep(0.2)
     dead = pool.step([0], ["```python\nprint(1)\n```"])[0]
     assert dead.done and dead.info["env_failed"] and "died" in dead.info["error"]
-    assert _play(pool, ["birthday_2"], [env.solution("birthday_2")])[0].reward == 1.0
+    assert _play(pool, ["birthday_2"], [solution("birthday_2")])[0].reward == 1.0
 
 
 def test_env_score_ends_an_episode_and_scores_it_as_it_stands(pool):
     """For an episode cut short by the agent's context: its world is scored as the agent left it."""
-    login, like = env.solution("likesong_1")
+    login, like = solution("likesong_1")
     pool.reset([0, 1], ["likesong_1", "likesong_1"])
     pool.step([0, 1], [login, login])
     pool.step([0], [like.replace("apis.supervisor.complete_task()", "")])
@@ -556,7 +558,7 @@ def test_env_a_hang_that_the_alarm_cannot_stop_is_killed_after_the_deadline(pool
     assert result.done and result.reward == 0.0 and result.info["env_failed"]
     assert "did not answer" in result.info["error"] and time.time() - start < 20
     assert pool.worker_pid(0) != pid
-    assert _play(pool, ["birthday_2"], [env.solution("birthday_2")])[0].reward == 1.0
+    assert _play(pool, ["birthday_2"], [solution("birthday_2")])[0].reward == 1.0
 
 
 def test_env_every_episode_gets_a_fresh_process_and_nothing_carries_over(pool):
@@ -567,7 +569,7 @@ def test_env_every_episode_gets_a_fresh_process_and_nothing_carries_over(pool):
     pool.reset([1], ["birthday_2"])
     assert pool.worker_pid(1) != pid
     assert _run(pool, "print('printing works')", slot=1).startswith("printing works")
-    assert pool.step([1], env.solution("birthday_2"))[0].reward == 1.0
+    assert pool.step([1], solution("birthday_2"))[0].reward == 1.0
 
 
 # The hostile agent: code that gets past the syntactic guard (`imp` is __import__, found without
@@ -691,7 +693,7 @@ def test_env_any_exception_or_malformed_code_is_an_observation_and_the_episode_g
         start = time.time()
         seen = _run(pool, code)
         assert expected in seen and time.time() - start < 5, (code[:40], seen[:300])
-    assert pool.step([0], env.solution("birthday_1"))[0].reward == 1.0
+    assert pool.step([0], solution("birthday_1"))[0].reward == 1.0
 
 
 def test_env_truncation_note_counts_every_character_cut(pool):
@@ -707,7 +709,7 @@ def test_env_start_up_survives_a_cpu_hog_and_a_broken_environment_says_so(world_
     hogs = [subprocess.Popen([sys.executable, "-c", hog]) for _ in range(4)]
     try:
         with env.EnvPool(3, world_root, timeout=4, exec_timeout=2) as pool:
-            assert [r.reward for r in _play(pool, ["birthday_1"] * 3, [env.solution("birthday_1")] * 3)] == [1.0] * 3
+            assert [r.reward for r in _play(pool, ["birthday_1"] * 3, [solution("birthday_1")] * 3)] == [1.0] * 3
     finally:
         for process in hogs:
             process.kill()
@@ -1132,7 +1134,7 @@ def test_rollout_collate_aligns_masks_with_token_logprobs():
 
 
 def test_rollout_on_the_mini_world_keeps_exact_tokens_and_scores():
-    env.setup_mini_world()
+    setup_mini_world()
     tasks = env.load_task_ids("train")[:2]
     m, tok = _tiny()
     _eos_happy(m)
@@ -1341,7 +1343,7 @@ def test_train_warm_start_learns_the_scripted_tokens_and_resume_skips_it(tmp_pat
     episodes = scripted_episodes(tok, pool, tasks)
     assert [e.task_id for e in episodes] == tasks and all(e.success for e in episodes)
     for e in episodes:  # the agent tokens are exactly the script's turns, each closed by <|im_end|>
-        want = [tok.encode(turn, add_special_tokens=False) + [tok.eos_token_id] for turn in env.solution(e.task_id, world_root)]
+        want = [tok.encode(turn, add_special_tokens=False) + [tok.eos_token_id] for turn in solution(e.task_id)]
         assert _runs(e) == want
     saved, real_save = [], train.save_checkpoint
     monkeypatch.setattr(train, "save_checkpoint", lambda path, *a, **kw: (saved.append(a[-2]), real_save(path, *a, **kw)))

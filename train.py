@@ -35,6 +35,7 @@ import appworld_env
 import model as M
 import rollout
 from loop import grpo_advantages, keep_mask, leave_one_out, loop_loss
+from mini_world.build import is_mini_world, setup_mini_world
 from mini_world.play import scripted_episodes
 
 
@@ -489,8 +490,8 @@ def main(argv=None, envs=None, train_tasks=None, eval_tasks=None) -> list[dict]:
     if own_envs:
         if master:
             print(f"prompt: {args.prompt} ({appworld_env.PROMPTS[args.prompt]})")
-        if master and appworld_env.is_mini_world(args.appworld_root):
-            appworld_env.setup_mini_world(args.appworld_root)  # idempotent: builds once, then a no-op
+        if master and is_mini_world(args.appworld_root):
+            setup_mini_world(args.appworld_root)  # idempotent: builds once, then a no-op
         if ddp:
             dist.barrier()
         envs = appworld_env.EnvPool(args.env_workers, args.appworld_root, max_interactions=args.max_interactions,
