@@ -9,6 +9,17 @@ files, rlimits), its world opened without the ground truth. Every score is anoth
 checked copies of the output databases (_copy_outputs) once the episode's processes are gone: no patch the
 agent made in memory, and no link or stray SQL it left in its outputs, reaches the scorer. Each process talks
 to the pool on a socket of its own, in JSON (never pickle: it would run code the agent sent).
+
+What an episode gets: only PATH, PYTHONPATH, LD_LIBRARY_PATH, LANG, LC_ALL, TZ (plus its own APPWORLD_ROOT,
+HOME, TMPDIR), no trainer file, 20,000 characters per cell, 64 MB per file, 4 GiB of address space,
+AppWorld's alarm per cell, a deadline per request, no setuid programs; dying or hanging ends only its
+episode. As root it runs as its own uid (ground truth chmod 700, at most 256 processes) unless Python or
+the data sit where other users cannot enter and namespaces are missing; with Linux namespaces it also gets
+read-only files except its outputs, only its own task, no network, its own PID namespace. NOT isolated:
+without root or namespaces it has the trainer user's rights (ground truth, /proc/<trainer>/environ,
+signals); as root without CAP_SYS_ADMIN it reaches /tmp, the network and the machine's process list;
+everywhere it reads what is world-readable, uses CPU, memory and disk up to its limits, may write its own
+output databases directly (scored as its final state), and shares the kernel: this is not a container.
 """
 import json
 import os
