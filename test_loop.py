@@ -1468,7 +1468,8 @@ def test_train_task_draws_visit_every_task_once_per_pass():
 
 def test_train_help_lists_every_flag_with_its_help_text():
     out = subprocess.run([sys.executable, "train.py", "--help"], capture_output=True, text=True, timeout=120,
-                         cwd=os.path.dirname(os.path.abspath(__file__)))
+                         cwd=os.path.dirname(os.path.abspath(__file__)),
+                         env={**os.environ, "COLUMNS": "1000"})  # argparse also wraps at hyphens: no wrapping
     assert out.returncode == 0, out.stderr
     text = " ".join(out.stdout.split())
     for f in dataclasses.fields(train.Args):
