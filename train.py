@@ -394,15 +394,18 @@ def load_checkpoint(path: Path, model, optimizer) -> tuple[int, tuple | None]:
 
 
 def save_best(model, tokenizer, out: Path, master: bool) -> None:
-    """Replace out/best (a from_pretrained folder) by the model, written beside it first.
-    Every rank calls this (M.save is a collective under FSDP)."""
-    tmp = out / "best.tmp"
+    """Replace out/best (a from_pretrained folder) by the model, written beside it first, so a
+    complete best/ exists at every moment but between two renames. Every rank calls this (M.save is
+    a collective under FSDP)."""
+    best, tmp, old = out / "best", out / "best.tmp", out / "best.old"
     if master:
         shutil.rmtree(tmp, ignore_errors=True)  # what a crash mid-write left
     M.save(model, tokenizer, tmp)
     if master:
-        shutil.rmtree(out / "best", ignore_errors=True)
-        os.replace(tmp, out / "best")
+        if best.exists():
+            os.replace(best, old)
+        os.replace(tmp, best)
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def memory_check(model, args: Args, device) -> None:
@@ -499,9 +502,10 @@ def main(argv=None, envs=None, train_tasks=None, eval_tasks=None) -> list[dict]:
                                     max_obs_tokens=args.max_obs_tokens)
     try:
         diffs = tuple(int(d) for d in args.difficulties.split(",")) if args.difficulties else None
-        train_tasks = train_tasks or appworld_env.load_task_ids(args.train_split, args.appworld_root, difficulties=diffs)
-        eval_tasks = eval_tasks or appworld_env.load_task_ids(args.split if args.eval_only else args.eval_split,
-                                                              args.appworld_root)
+        if train_tasks is None:
+            train_tasks = appworld_env.load_task_ids(args.train_split, args.appworld_root, difficulties=diffs)
+        if eval_tasks is None:
+            eval_tasks = appworld_env.load_task_ids(args.split if args.eval_only else args.eval_split, args.appworld_root)
         if args.eval_only:
             log(dict(phase="eval", **evaluate(model, tokenizer, envs, {args.split: eval_tasks}, args, rank, world_size)))
             if master:
