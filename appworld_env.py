@@ -23,7 +23,7 @@ from multiprocessing.connection import Connection
 
 import sandbox
 
-REPO = os.path.dirname(os.path.abspath(__file__))
+REPO = sandbox.REPO  # the repository's folder
 DEFAULT_ROOT = os.environ.get("APPWORLD_ROOT") or os.path.join(REPO, "appworld_root")
 SPLITS = ("train", "dev", "test_normal", "test_challenge")
 REWARDS = ("fraction", "binary", "progress")

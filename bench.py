@@ -787,8 +787,8 @@ def _row(figure, model_name, what, a, b, key, goal, check, unit=""):
 def env_bench(root, slots, rounds):
     """Print what the environment costs: the pool's start, then `rounds` times a reset, a step (one
     API call) and a score of `slots` episodes at once."""
-    train = appworld_env.load_task_ids("train", root)
-    tasks, ids = [train[i % len(train)] for i in range(slots)], list(range(slots))
+    train_ids = appworld_env.load_task_ids("train", root)
+    tasks, ids = [train_ids[i % len(train_ids)] for i in range(slots)], list(range(slots))
     cell = '```python\nprint(apis.supervisor.show_profile()["first_name"])\n```'
     start, times = time.perf_counter(), {"reset": [], "step": [], "score": []}
     with appworld_env.EnvPool(slots, root) as pool:

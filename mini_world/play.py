@@ -41,7 +41,7 @@ def scripted_episodes(tokenizer, envs, task_ids: list[str]) -> list[rollout.Epis
             e.num_turns += 1
             if not r.done:
                 e.append(rollout.observation_ids(tokenizer, r.observation))
-        e.reward, e.success = steps[-1][1].reward, steps[-1][1].success
+        e.record(steps[-1][1])  # the final StepResult: reward, success, tests, info
         episodes.append(e)
     return [e for e in episodes if e.success]
 
