@@ -1,9 +1,8 @@
-"""AppWorld as a multi-turn environment for LOOP: task lists and scores (TGC, SGC), the prompts, what
-happens to the agent's code, and EnvPool, which runs many episodes at once, each in a fresh confined
-process (sandbox.py).
+"""AppWorld as a multi-turn environment for LOOP: task lists and scores (TGC, SGC), the prompts, and
+EnvPool, which runs many episodes at once, each in a fresh confined process (sandbox.py runs the agent's
+code; a reader of the paper can skip it).
 
-    python appworld_env.py setup [--root DIR] [--force]     # build the offline mini-world (mini_world/)
-    python appworld_env.py show likesong_1 [--prompt short]  # print an episode of a scripted solution
+    python appworld_env.py setup [--root DIR] [--force]   # build the offline mini-world (mini_world/)
 
 The real AppWorld engine (never a mock) runs either the mini-world (default: 48 tasks of our own, built
 under <repo>/appworld_root) or the real AppWorld data (`appworld download data --root DIR`, then
@@ -16,7 +15,6 @@ import argparse
 import json
 import os
 import re
-import subprocess
 import sys
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
@@ -64,8 +62,6 @@ def _check_task_id(root: str, task_id: str) -> None:
     """A clear error for an unknown task id, naming the split files it was looked for in."""
     if os.path.isfile(os.path.join(root, "data", "tasks", task_id, "specs.json")):
         return
-    if not os.path.isdir(os.path.join(root, "data", "tasks")):
-        raise _missing_data_error(root)
     split_files = [os.path.join(root, "data", "datasets", s + ".txt") for s in SPLITS]
     raise ValueError(f"Unknown task id {task_id!r}: it is in none of the split files "
                      f"{[p for p in split_files if os.path.exists(p)]} and has no folder "
@@ -207,10 +203,9 @@ def reminder(info: dict, prompt: str = "paper") -> str:
     return f"As a reminder, my task:\n{task_block(info)}"
 
 
-# ========================================================================= agent code and guard
+# ============================================================================= the agent's code
 
 CODE_BLOCK = re.compile(r"```(?:python3?|py)\b[ \t]*\n?(.*?)(?:```|\Z)", re.DOTALL | re.IGNORECASE)
-MAX_CODE_CHARS = 20_000  # longer cells are refused: AppWorld's own parse of them is slow
 
 
 def extract_code(text: str) -> str | None:
@@ -218,61 +213,6 @@ def extract_code(text: str) -> str | None:
     (the model may have hit its token limit). None when the message has no code."""
     blocks = [b.strip() for b in CODE_BLOCK.findall(text) if b.strip()]
     return "\n\n".join(blocks) if blocks else None
-
-
-# A friendly first answer, in AppWorld's words, to code that reaches for the files or the interpreter's insides: a
-# text check, easy to get around. What keeps the ground truth and the trainer out of reach is the episode's process.
-BLOCKED_MODULES = {"os", "sys", "pathlib", "appworld", "importlib", "io", "shutil", "inspect", "gc",
-                   "ctypes", "builtins", "socket", "marshal"}
-BLOCKED_NAMES = {"__import__", "eval", "exec", "compile", "globals", "locals", "vars"}
-
-
-def guard(code: str) -> str | None:
-    """An error message if the code plainly tries to reach outside the apps, else None."""
-    import ast
-    if "ground_truth" in code:
-        return "Execution failed. Traceback:\nAccess to the task's ground truth is not allowed."
-    try:
-        tree = ast.parse(code)
-    except SyntaxError:
-        return None  # AppWorld reports syntax errors itself
-    for node in ast.walk(tree):
-        if isinstance(node, (ast.Import, ast.ImportFrom)):
-            names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
-            if bad := sorted({name.split(".")[0] for name in names} & BLOCKED_MODULES):
-                return f"Execution failed. Traceback:\nUsage of the following module is not allowed: {bad[0]}."
-        if isinstance(node, ast.Name) and node.id in BLOCKED_NAMES:
-            return f"Execution failed. Traceback:\nUsage of the following function is not allowed: {node.id}."
-        dunder = (node.attr if isinstance(node, ast.Attribute) else
-                  node.value if isinstance(node, ast.Constant) and isinstance(node.value, str) else "")
-        if "__" in dunder:
-            return f"Execution failed. Traceback:\nAccess to {dunder[:40]!r} is not allowed."
-    return None
-
-
-def run_cell(world, code: str) -> str:
-    """Run agent code in an open world; whatever the code is or does, the answer is an observation."""
-    import ast
-    failed = "Execution failed. Traceback:\n"
-    if len(code) > MAX_CODE_CHARS:
-        return f"{failed}The code has {len(code)} characters; the limit is {MAX_CODE_CHARS}. Write smaller blocks."
-    try:
-        code.encode("utf-8")
-        ast.parse(code)
-    except UnicodeEncodeError as error:
-        return f"{failed}The code is not valid Unicode (character {error.start} is a lone surrogate)."
-    except (MemoryError, RecursionError):
-        return f"{failed}The code is nested too deeply to be parsed."
-    except SyntaxError:
-        pass  # AppWorld reports it in its own words
-    try:
-        return guard(code) or world.execute(code)
-    except BaseException as error:  # AppWorld catches Exception only: KeyboardInterrupt, SystemExit...
-        world.safety_guard.disable()  # what execute() would have done after the cell
-        world._save_state(world.output_db_home_path_on_disk)
-        return f"{failed}{type(error).__name__}: {error}"
-    finally:
-        world.environment_io.clear()  # AppWorld keeps every cell and output for logs we do not write
 
 
 # ===================================================================================== the pool
@@ -326,7 +266,7 @@ class EnvPool:
             raise ValueError(f"Unknown prompt {prompt!r}; expected one of {tuple(PROMPTS)}.")
         if not os.path.isdir(os.path.join(root, "data", "tasks")):
             raise _missing_data_error(root)
-        ensure_appworld_installed()
+        sandbox.ensure_appworld_installed()
         self.root = os.path.abspath(root)
         self.max_interactions, self.reward, self.prompt = max_interactions, reward, prompt
         self.tokenizer, self.max_obs_tokens, self.timeout = tokenizer, max_obs_tokens, timeout
@@ -502,36 +442,12 @@ class EnvPool:
         self.close()
 
 
-def ensure_appworld_installed() -> None:
-    """Run `appworld install` if it has not run: it decrypts the apps' code shipped in the wheel
-    (offline, a few seconds). In a subprocess, so that this process never imports appworld."""
-    import importlib.util
-    package = os.path.dirname(importlib.util.find_spec("appworld").origin)
-    if not os.path.isdir(os.path.join(package, "apps", "spotify")):
-        subprocess.run([sys.executable, "-c", "from appworld.install import install_package; install_package()"],
-                       check=True)
-
-
-# ====================================================================================== the CLI
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", choices=("setup", "show"))
-    parser.add_argument("task_id", nargs="?", help="show: the task whose scripted solution plays an episode")
+if __name__ == "__main__":  # the offline mini-world's builder (mini_world/build.py)
+    parser = argparse.ArgumentParser(description="Build the offline mini-world (mini_world/).")
+    parser.add_argument("command", choices=("setup",))
     parser.add_argument("--root", default=DEFAULT_ROOT, help="AppWorld root (its data is in ROOT/data)")
-    parser.add_argument("--force", action="store_true", help="setup: rebuild even if already built")
-    parser.add_argument("--prompt", default="paper", choices=tuple(PROMPTS), help="show: the prompt")
+    parser.add_argument("--force", action="store_true", help="rebuild even if already built")
     args = parser.parse_args()
-    if args.command == "setup":
-        from mini_world.build import setup_mini_world  # mini_world imports this module
-        setup_mini_world(args.root, force=args.force)
-        print(f"mini-world ready in {os.path.join(os.path.abspath(args.root), 'data')}")
-    elif args.command == "show":
-        if args.task_id is None:
-            parser.error("show needs a task id, e.g. likesong_1")
-        from mini_world.play import show_episode
-        show_episode(args.task_id, args.root, args.prompt)
-
-
-if __name__ == "__main__":
-    main()
+    from mini_world.build import setup_mini_world  # mini_world imports this module
+    setup_mini_world(args.root, force=args.force)
+    print(f"mini-world ready in {os.path.join(os.path.abspath(args.root), 'data')}")

@@ -1,5 +1,6 @@
 """Where agent code runs (EnvPool's plumbing): each episode in a fresh, confined fork of one trusted
-"zygote" process, and each score in another fresh fork.
+"zygote" process, and each score in another fresh fork; `run_cell` is what happens to one cell there
+(a size cap, a friendly guard, and whatever the code raises becomes the observation).
 
 AppWorld freezes its process's clock (freezegun), times cells out with SIGALRM (main thread only), allows one
 open world per process and runs the agent's code in that process: so the trainer never imports it. The zygote
@@ -21,6 +22,8 @@ signals); as root without CAP_SYS_ADMIN it reaches /tmp, the network and the mac
 everywhere it reads what is world-readable, uses CPU, memory and disk up to its limits, may write its own
 output databases directly (scored as its final state), and shares the kernel: this is not a container.
 """
+import ast
+import importlib.util
 import json
 import os
 import shutil
@@ -62,6 +65,15 @@ def _remove_outputs(root: str, prefix: str) -> None:
 
 
 # ============================================================================== the pool's side
+
+def ensure_appworld_installed() -> None:
+    """Run `appworld install` if it has not run: it decrypts the apps' code shipped in the wheel
+    (offline, a few seconds). In a subprocess, so that this process never imports appworld."""
+    package = os.path.dirname(importlib.util.find_spec("appworld").origin)
+    if not os.path.isdir(os.path.join(package, "apps", "spotify")):
+        subprocess.run([sys.executable, "-c", "from appworld.install import install_package; install_package()"],
+                       check=True)
+
 
 class Zygote:
     """The pool's handle on its zygote: start and stop it, have it fork an episode, end or score one.
@@ -177,6 +189,62 @@ def exchange(requests: dict, timeout: float, limit: int) -> dict:
     return replies
 
 
+# ======================================================================= what happens to a cell
+
+MAX_CODE_CHARS = 20_000  # longer cells are refused: AppWorld's own parse of them is slow
+# A friendly first answer, in AppWorld's words, to code that reaches for the files or the interpreter's insides: a
+# text check, easy to get around. What keeps the ground truth and the trainer out of reach is the episode's process.
+BLOCKED_MODULES = {"os", "sys", "pathlib", "appworld", "importlib", "io", "shutil", "inspect", "gc",
+                   "ctypes", "builtins", "socket", "marshal"}
+BLOCKED_NAMES = {"__import__", "eval", "exec", "compile", "globals", "locals", "vars"}
+
+
+def guard(code: str) -> str | None:
+    """An error message if the code plainly tries to reach outside the apps, else None."""
+    if "ground_truth" in code:
+        return "Execution failed. Traceback:\nAccess to the task's ground truth is not allowed."
+    try:
+        tree = ast.parse(code)
+    except SyntaxError:
+        return None  # AppWorld reports syntax errors itself
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
+            if bad := sorted({name.split(".")[0] for name in names} & BLOCKED_MODULES):
+                return f"Execution failed. Traceback:\nUsage of the following module is not allowed: {bad[0]}."
+        if isinstance(node, ast.Name) and node.id in BLOCKED_NAMES:
+            return f"Execution failed. Traceback:\nUsage of the following function is not allowed: {node.id}."
+        dunder = (node.attr if isinstance(node, ast.Attribute) else
+                  node.value if isinstance(node, ast.Constant) and isinstance(node.value, str) else "")
+        if "__" in dunder:
+            return f"Execution failed. Traceback:\nAccess to {dunder[:40]!r} is not allowed."
+    return None
+
+
+def run_cell(world, code: str) -> str:
+    """Run agent code in an open world; whatever the code is or does, the answer is an observation."""
+    head = "Execution failed. Traceback:\n"
+    if len(code) > MAX_CODE_CHARS:
+        return f"{head}The code has {len(code)} characters; the limit is {MAX_CODE_CHARS}. Write smaller blocks."
+    try:
+        code.encode("utf-8")
+        ast.parse(code)
+    except UnicodeEncodeError as error:
+        return f"{head}The code is not valid Unicode (character {error.start} is a lone surrogate)."
+    except (MemoryError, RecursionError):
+        return f"{head}The code is nested too deeply to be parsed."
+    except SyntaxError:
+        pass  # AppWorld reports it in its own words
+    try:
+        return guard(code) or world.execute(code)
+    except BaseException as error:  # AppWorld catches Exception only: KeyboardInterrupt, SystemExit...
+        world.safety_guard.disable()  # what execute() would have done after the cell
+        world._save_state(world.output_db_home_path_on_disk)
+        return f"{head}{type(error).__name__}: {error}"
+    finally:
+        world.environment_io.clear()  # AppWorld keeps every cell and output for logs we do not write
+
+
 # ============================================================================ the zygote's side
 
 def zygote_main(fd: int, root: str) -> None:
@@ -192,7 +260,6 @@ def zygote_main(fd: int, root: str) -> None:
                     os.chmod(os.path.join(task.path, "ground_truth"), 0o700)
         os.makedirs(os.environ["HOME"], exist_ok=True)
         import pytest  # noqa: F401  AppWorld's evaluation imports it: once here, not in every scorer
-        import appworld_env  # noqa: F401  for run_cell: imported once here, so no episode reads a file for it
         from appworld import AppWorld
         from appworld.apps import model_lib
         world = AppWorld(task_id=sorted(os.listdir(os.path.join(root, "data", "tasks")))[0],
@@ -281,7 +348,6 @@ def _episode_main(fd: int, root: str, request: dict) -> None:
             return  # the parent of the agent's process, which has now ended
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # over the file size limit, a write fails instead
         from appworld import AppWorld
-        from appworld_env import run_cell  # what happens to a cell (the zygote imported it)
         world = AppWorld(task_id=request["task_id"], experiment_name=request["name"], load_ground_truth=False,
                          timeout_seconds=request["exec_timeout"])
         world.save_logs = lambda: None  # nobody reads AppWorld's logs, and their writer fails on some outputs

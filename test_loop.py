@@ -309,9 +309,8 @@ def test_env_mini_world_readme_table_is_the_scenarios():
 
 
 def test_env_cli_shows_a_scripted_episode_and_times_the_pool(world_root):
-    run = lambda *a: subprocess.run([sys.executable, os.path.join(env.REPO, "appworld_env.py"), *a],
-                                    capture_output=True, text=True, timeout=300)
-    shown = run("show", "venmopay_2", "--prompt", "short")
+    shown = subprocess.run([sys.executable, "-m", "mini_world.play", "venmopay_2", "--prompt", "short"],
+                           cwd=env.REPO, capture_output=True, text=True, timeout=300)
     assert shown.returncode == 0 and shown.stdout.count("----- assistant") == 2, shown.stderr
     assert shown.stdout.rstrip().endswith("----- done: reward 1.0, success True, 3/3 tests passed")
     timed = subprocess.run([sys.executable, os.path.join(env.REPO, "bench.py"), "--env", "--slots", "2", "--rounds", "2"],

@@ -1,7 +1,12 @@
 """Scripted episodes through a real EnvPool: the mini-world's solutions (show_episode, the warm start)
-or any other turns (the tests' no-op and wrong-answer episodes)."""
+or any other turns (the tests' no-op and wrong-answer episodes).
+
+    python -m mini_world.play likesong_1 [--prompt short]   # print an episode of a scripted solution
+"""
+import argparse
+
 import rollout
-from appworld_env import DEFAULT_ROOT, EnvPool, StepResult
+from appworld_env import DEFAULT_ROOT, PROMPTS, EnvPool, StepResult
 from mini_world.scenarios import solution
 
 NO_CODE = "I am not sure what to do."  # the turn played once a script has run out and its episode goes on
@@ -57,3 +62,12 @@ def show_episode(task_id: str, root: str = DEFAULT_ROOT, prompt: str = "paper") 
         print(f"----- assistant\n{turn}\n----- user (observation)\n{result.observation}")
     print(f"----- done: reward {result.reward}, success {result.success}, "
           f"{result.pass_count}/{result.num_tests} tests passed")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description="Print a mini-world task's episode played by its scripted solution.")
+    parser.add_argument("task_id", help="e.g. likesong_1 (mini_world/README.md lists the tasks)")
+    parser.add_argument("--root", default=DEFAULT_ROOT, help="AppWorld root holding the mini-world")
+    parser.add_argument("--prompt", default="paper", choices=tuple(PROMPTS))
+    args = parser.parse_args()
+    show_episode(args.task_id, args.root, args.prompt)
