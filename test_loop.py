@@ -35,7 +35,8 @@ from appworld_env import StepResult
 from loop import clipped_surrogate, grpo_advantages, importance_weights, keep_mask, leave_one_out, loop_loss
 from mini_world.build import is_mini_world, setup_mini_world
 from mini_world.play import NO_CODE, play_solutions, scripted_episodes
-from mini_world.scenarios import SCENARIOS, solution
+from mini_world.scenarios import SCENARIOS, solution, table
+from mini_world.world import PEOPLE
 
 torch.set_num_threads(1)  # with the other core busy (an env process), 2 threads slow torch down badly
 
@@ -303,7 +304,6 @@ def test_env_setup_is_idempotent_and_fast_the_second_time(world_root):
 
 
 def test_env_mini_world_readme_table_is_the_scenarios():
-    from mini_world.scenarios import table
     with open(os.path.join(env.REPO, "mini_world", "README.md")) as file:
         assert table() in file.read()
 
@@ -375,7 +375,6 @@ def test_env_prompt_never_contains_the_ground_truth_answer(pool, world_root):
     # the demonstration is another person and a task of no split
     instructions = {_specs(world_root, t)["instruction"] for t in ids}
     assert env.DEMO_TASK["instruction"] not in instructions
-    from mini_world.world import PEOPLE
     assert env.DEMO_TASK["supervisor"]["email"] not in {p["email"] for p in PEOPLE}
     for start in range(0, len(ids), 2):
         batch = ids[start:start + 2]
