@@ -36,7 +36,7 @@ import model as M
 import rollout
 from loop import grpo_advantages, keep_mask, leave_one_out, loop_loss
 from mini_world.build import is_mini_world, setup_mini_world
-from mini_world.play import scripted_episodes
+from mini_world.play import warm_start
 
 
 def arg(default, help, choices=None):
@@ -430,31 +430,6 @@ def memory_check(model, args: Args, device) -> None:
         print(f"memory check: {args.micro_batch} x {args.max_seq_len} tokens fit ({time.time() - t0:.0f} s)", flush=True)
 
 
-def warm_start(model, tokenizer, envs, task_ids, args: Args, device, log) -> None:
-    """Supervised epochs on the mini-world's scripted solutions before RL (the paper's SFT-GT idea; the
-    small offline model almost never writes a working cell without it): mean NLL of the agent tokens."""
-    episodes = scripted_episodes(tokenizer, envs, task_ids)
-    model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=args.warm_start_lr, weight_decay=0.0)
-    batch = rollout.collate(episodes, tokenizer.pad_token_id).to(device)
-    for epoch in range(args.warm_start_epochs):
-        total, t0 = 0.0, time.time()
-        chunks = torch.randperm(len(episodes)).split(args.micro_batch)
-        for rows in tqdm(chunks, desc=f"warm start {epoch + 1}/{args.warm_start_epochs}", leave=False,
-                         disable=not M.is_rank0()):
-            mb = batch.select(rows)
-            logp = M.token_logprobs(model, mb.input_ids, mb.attention_mask, positions=mb.agent_mask)  # (b, T-1)
-            nll = -torch.where(mb.agent_mask, logp, 0.0).sum() / mb.agent_mask.sum().clamp_min(1)  # () per agent token
-            nll.backward()
-            torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            total += nll.item() * len(rows)
-        log(dict(phase="warm_start", epoch=epoch + 1, episodes=len(episodes), nll=total / len(episodes),
-                 seconds=time.time() - t0))
-
-
 def main(argv=None, envs=None, train_tasks=None, eval_tasks=None) -> list[dict]:
     """Run training (or evaluation); returns the metrics logged. `envs` and the task lists may be
     passed in (the tests' worlds have the same interface); otherwise an AppWorld EnvPool is built."""
@@ -521,7 +496,8 @@ def main(argv=None, envs=None, train_tasks=None, eval_tasks=None) -> list[dict]:
         if args.memory_check:
             memory_check(model, args, device)
         if not resuming and args.warm_start_epochs > 0:  # every rank the same data: the same number of FSDP passes
-            warm_start(model, tokenizer, envs, train_tasks, args, device, log)
+            warm_start(model, tokenizer, envs, train_tasks, device, epochs=args.warm_start_epochs,
+                       lr=args.warm_start_lr, micro_batch=args.micro_batch, grad_clip=args.grad_clip, log=log)
             save_checkpoint(ckpt, model, optimizer, args, 0, master)  # --resume skips it
 
         def evaluate_and_keep_best(iteration: int) -> None:
