@@ -362,13 +362,18 @@ def summary(history: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def trainable(model) -> set[str]:
+    """Names of the weights training changes (the LoRA adapters, or every weight): what a checkpoint holds."""
+    return {n for n, p in model.named_parameters() if p.requires_grad}
+
+
 def save_checkpoint(path: Path, model, optimizer, args: Args, iteration: int, master: bool, best=None) -> None:
     """Trainable weights + optimizer state + iteration + args + the score of best/, written
     atomically on rank 0. Under FSDP the full state is gathered first (every rank must call this)."""
     opts = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
     model_sd, optim_sd = get_state_dict(model, optimizer, options=opts)
-    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    model_sd = {k: v for k, v in model_sd.items() if k in trainable}  # a tied (frozen) LM head slips through
+    names = trainable(model)
+    model_sd = {k: v for k, v in model_sd.items() if k in names}  # a tied (frozen) LM head slips through
     if master:
         tmp = path.with_suffix(".tmp")
         torch.save(dict(model=model_sd, optimizer=optim_sd, iteration=iteration, args=dataclasses.asdict(args),
@@ -381,10 +386,10 @@ def load_checkpoint(path: Path, model, optimizer) -> tuple[int, tuple | None]:
     the score of best/ (None before any evaluation). The optimizer's hyperparameters come from this
     run's flags, not the checkpoint: `--resume --lr 0` must mean lr 0."""
     ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    saved, trainable = set(ckpt["model"]), {n for n, p in model.named_parameters() if p.requires_grad}
-    if saved != trainable:  # e.g. another --lora-rank: the model would silently start afresh
+    saved, names = set(ckpt["model"]), trainable(model)
+    if saved != names:  # e.g. another --lora-rank: the model would silently start afresh
         raise ValueError(f"{path} does not hold this model's trainable weights: missing "
-                         f"{sorted(trainable - saved)[:5]}, unexpected {sorted(saved - trainable)[:5]}")
+                         f"{sorted(names - saved)[:5]}, unexpected {sorted(saved - names)[:5]}")
     flags = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]  # lr, eps, ...
     set_state_dict(model, optimizer, model_state_dict=ckpt["model"], optim_state_dict=ckpt["optimizer"],
                    options=StateDictOptions(full_state_dict=True, strict=False))
