@@ -53,7 +53,8 @@ class Args:
     lora_alpha: int = arg(32, "LoRA alpha (scale alpha/r)")
     gradient_checkpointing: bool = arg(True, "recompute decoder layers in backward to save activation memory")
     # --- data and environment
-    appworld_root: str = arg(str(appworld_env.DEFAULT_ROOT), "AppWorld root holding data/ (real data, or the mini world)")
+    appworld_root: str = arg(str(appworld_env.DEFAULT_ROOT),
+                             "AppWorld root holding data/ (real data, or the mini world)")
     train_split: str = arg("train", "split whose tasks are trained on", appworld_env.SPLITS)
     difficulties: str = arg("1,2", "comma-separated task difficulties to train on (the paper: 1,2)")
     reward: str = arg("fraction", "training reward: 'fraction' of unit tests passed (the paper), 'binary' or "
@@ -349,12 +350,13 @@ def summary(history: list[dict]) -> str:
     """The run at a glance, printed at the end: the reward curve and the evaluations."""
     its = [r for r in history if "iteration" in r and "phase" not in r]
     lines = ["iteration  reward  success  filtered  approx_kl"]
-    lines += [f"{r['iteration']:9d}  {r['reward']:6.3f}  {r['success']:7.3f}  {r['filtered']:8.2f}  {r['approx_kl']:9.4f}"
-              for r in its]
+    lines += [f"{r['iteration']:9d}  {r['reward']:6.3f}  {r['success']:7.3f}  {r['filtered']:8.2f}  "
+              f"{r['approx_kl']:9.4f}" for r in its]
     passes = sorted({r["task_pass"] for r in its})
     if len(passes) > 1:  # every task once per pass: success rates of whole passes compare directly
         rates = [np.mean([r["success"] for r in its if r["task_pass"] == p]) for p in passes]
-        lines.append("success per pass over the training tasks: " + "  ".join(f"{p}: {x:.3f}" for p, x in zip(passes, rates)))
+        lines.append("success per pass over the training tasks: "
+                     + "  ".join(f"{p}: {x:.3f}" for p, x in zip(passes, rates)))
     for r in (r for r in history if r.get("phase") == "eval"):
         scores = "  ".join(f"{k} {v:.3f}" + (f" +- {r[k + '_std']:.3f}" if k + "_std" in r else "")
                            for k, v in r.items() if k.endswith(("_tgc", "_sgc", "_reward")))
@@ -432,7 +434,8 @@ def memory_check(model, args: Args, device) -> None:
     finally:
         model.zero_grad(set_to_none=True)
     if M.is_rank0():
-        print(f"memory check: {args.micro_batch} x {args.max_seq_len} tokens fit ({time.time() - t0:.0f} s)", flush=True)
+        print(f"memory check: {args.micro_batch} x {args.max_seq_len} tokens fit ({time.time() - t0:.0f} s)",
+              flush=True)
 
 
 def main(argv=None, envs=None, train_tasks=None, eval_tasks=None) -> list[dict]:
@@ -485,9 +488,11 @@ def main(argv=None, envs=None, train_tasks=None, eval_tasks=None) -> list[dict]:
         if train_tasks is None:
             train_tasks = appworld_env.load_task_ids(args.train_split, args.appworld_root, difficulties=diffs)
         if eval_tasks is None:
-            eval_tasks = appworld_env.load_task_ids(args.split if args.eval_only else args.eval_split, args.appworld_root)
+            eval_tasks = appworld_env.load_task_ids(args.split if args.eval_only else args.eval_split,
+                                                    args.appworld_root)
         if args.eval_only:
-            log(dict(phase="eval", **evaluate(model, tokenizer, envs, {args.split: eval_tasks}, args, rank, world_size)))
+            scores = evaluate(model, tokenizer, envs, {args.split: eval_tasks}, args, rank, world_size)
+            log(dict(phase="eval", **scores))
             if master:
                 print(json.dumps(history[-1]))
             return history
@@ -510,7 +515,8 @@ def main(argv=None, envs=None, train_tasks=None, eval_tasks=None) -> list[dict]:
             the earlier one). Every rank holds the same metrics, so all take the same branch."""
             nonlocal best
             splits = {"train": train_tasks, args.eval_split: eval_tasks}
-            row = dict(phase="eval", iteration=iteration, **evaluate(model, tokenizer, envs, splits, args, rank, world_size))
+            scores = evaluate(model, tokenizer, envs, splits, args, rank, world_size)
+            row = dict(phase="eval", iteration=iteration, **scores)
             score = (row[f"{args.eval_split}_tgc"], row[f"{args.eval_split}_sgc"])
             row["best"] = best is None or score > tuple(best)
             log(row)
@@ -527,7 +533,8 @@ def main(argv=None, envs=None, train_tasks=None, eval_tasks=None) -> list[dict]:
             draw = tasks_for(it, train_tasks, args.tasks_per_iter, args.seed)
             # 2. K rollouts per task
             t0 = time.time()
-            episodes = collect(model, tokenizer, envs, draw[rank::world_size], args.k, args, temperature=args.temperature)
+            episodes = collect(model, tokenizer, envs, draw[rank::world_size], args.k, args,
+                               temperature=args.temperature)
             t_sample = time.time() - t0
             # 3. leave-one-out advantages; |A| < adv_threshold is dropped (the maths is in loop.py)
             adv, keep = advantages_for(episodes, args.k, args.estimator, args.adv_threshold)
@@ -551,7 +558,8 @@ def main(argv=None, envs=None, train_tasks=None, eval_tasks=None) -> list[dict]:
                        **upd, sample_s=t_sample, learn_s=t_learn,
                        task_successes={t: sum(s for u, s in outcomes if u == t) for t in draw})  # of K per task
             log(row)
-            bar.set_postfix(reward=f"{row['reward']:.3f}", success=f"{row['success']:.2f}", kl=f"{row['approx_kl']:.4f}")
+            bar.set_postfix(reward=f"{row['reward']:.3f}", success=f"{row['success']:.2f}",
+                            kl=f"{row['approx_kl']:.4f}")
             if args.eval_every and ((it + 1) % args.eval_every == 0 or it + 1 == args.iterations):
                 evaluate_and_keep_best(it + 1)
             if (it + 1) % args.save_every == 0 or it + 1 == args.iterations:
