@@ -310,7 +310,7 @@ def loop_update_child(model_name, n, micro, time_it=False):
 def sft_step(model, batch, opt, micro, head, agent_only=False):
     """One supervised step on a rollout.Batch: NLL of the agent tokens, micro-batched, clipped, AdamW.
     head="chunked": model.token_logprobs, with agent_only through the LM head at the agent's tokens
-    only (as train.warm_start and the LOOP update do); "full": HF's model(labels=...)."""
+    only (as mini_world.play.warm_start and the LOOP update do); "full": HF's model(labels=...)."""
     params = [p for p in model.parameters() if p.requires_grad]
     n = len(batch.rewards)
     for rows in torch.arange(n).split(micro):

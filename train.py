@@ -36,7 +36,7 @@ import model as M
 import rollout
 from loop import grpo_advantages, keep_mask, leave_one_out, loop_loss
 from mini_world.build import is_mini_world, setup_mini_world
-from mini_world.play import scripted_episodes
+from mini_world.play import warm_start
 
 
 def arg(default, help, choices=None):
@@ -53,7 +53,8 @@ class Args:
     lora_alpha: int = arg(32, "LoRA alpha (scale alpha/r)")
     gradient_checkpointing: bool = arg(True, "recompute decoder layers in backward to save activation memory")
     # --- data and environment
-    appworld_root: str = arg(str(appworld_env.DEFAULT_ROOT), "AppWorld root holding data/ (real data, or the mini world)")
+    appworld_root: str = arg(str(appworld_env.DEFAULT_ROOT),
+                             "AppWorld root holding data/ (real data, or the mini world)")
     train_split: str = arg("train", "split whose tasks are trained on", appworld_env.SPLITS)
     difficulties: str = arg("1,2", "comma-separated task difficulties to train on (the paper: 1,2)")
     reward: str = arg("fraction", "training reward: 'fraction' of unit tests passed (the paper), 'binary' or "
@@ -349,12 +350,13 @@ def summary(history: list[dict]) -> str:
     """The run at a glance, printed at the end: the reward curve and the evaluations."""
     its = [r for r in history if "iteration" in r and "phase" not in r]
     lines = ["iteration  reward  success  filtered  approx_kl"]
-    lines += [f"{r['iteration']:9d}  {r['reward']:6.3f}  {r['success']:7.3f}  {r['filtered']:8.2f}  {r['approx_kl']:9.4f}"
-              for r in its]
+    lines += [f"{r['iteration']:9d}  {r['reward']:6.3f}  {r['success']:7.3f}  {r['filtered']:8.2f}  "
+              f"{r['approx_kl']:9.4f}" for r in its]
     passes = sorted({r["task_pass"] for r in its})
     if len(passes) > 1:  # every task once per pass: success rates of whole passes compare directly
         rates = [np.mean([r["success"] for r in its if r["task_pass"] == p]) for p in passes]
-        lines.append("success per pass over the training tasks: " + "  ".join(f"{p}: {x:.3f}" for p, x in zip(passes, rates)))
+        lines.append("success per pass over the training tasks: "
+                     + "  ".join(f"{p}: {x:.3f}" for p, x in zip(passes, rates)))
     for r in (r for r in history if r.get("phase") == "eval"):
         scores = "  ".join(f"{k} {v:.3f}" + (f" +- {r[k + '_std']:.3f}" if k + "_std" in r else "")
                            for k, v in r.items() if k.endswith(("_tgc", "_sgc", "_reward")))
@@ -362,13 +364,18 @@ def summary(history: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def trainable(model) -> set[str]:
+    """Names of the weights training changes (the LoRA adapters, or every weight): what a checkpoint holds."""
+    return {n for n, p in model.named_parameters() if p.requires_grad}
+
+
 def save_checkpoint(path: Path, model, optimizer, args: Args, iteration: int, master: bool, best=None) -> None:
     """Trainable weights + optimizer state + iteration + args + the score of best/, written
     atomically on rank 0. Under FSDP the full state is gathered first (every rank must call this)."""
     opts = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
     model_sd, optim_sd = get_state_dict(model, optimizer, options=opts)
-    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    model_sd = {k: v for k, v in model_sd.items() if k in trainable}  # a tied (frozen) LM head slips through
+    names = trainable(model)
+    model_sd = {k: v for k, v in model_sd.items() if k in names}  # a tied (frozen) LM head slips through
     if master:
         tmp = path.with_suffix(".tmp")
         torch.save(dict(model=model_sd, optimizer=optim_sd, iteration=iteration, args=dataclasses.asdict(args),
@@ -381,10 +388,10 @@ def load_checkpoint(path: Path, model, optimizer) -> tuple[int, tuple | None]:
     the score of best/ (None before any evaluation). The optimizer's hyperparameters come from this
     run's flags, not the checkpoint: `--resume --lr 0` must mean lr 0."""
     ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    saved, trainable = set(ckpt["model"]), {n for n, p in model.named_parameters() if p.requires_grad}
-    if saved != trainable:  # e.g. another --lora-rank: the model would silently start afresh
+    saved, names = set(ckpt["model"]), trainable(model)
+    if saved != names:  # e.g. another --lora-rank: the model would silently start afresh
         raise ValueError(f"{path} does not hold this model's trainable weights: missing "
-                         f"{sorted(trainable - saved)[:5]}, unexpected {sorted(saved - trainable)[:5]}")
+                         f"{sorted(names - saved)[:5]}, unexpected {sorted(saved - names)[:5]}")
     flags = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]  # lr, eps, ...
     set_state_dict(model, optimizer, model_state_dict=ckpt["model"], optim_state_dict=ckpt["optimizer"],
                    options=StateDictOptions(full_state_dict=True, strict=False))
@@ -427,32 +434,8 @@ def memory_check(model, args: Args, device) -> None:
     finally:
         model.zero_grad(set_to_none=True)
     if M.is_rank0():
-        print(f"memory check: {args.micro_batch} x {args.max_seq_len} tokens fit ({time.time() - t0:.0f} s)", flush=True)
-
-
-def warm_start(model, tokenizer, envs, task_ids, args: Args, device, log) -> None:
-    """Supervised epochs on the mini-world's scripted solutions before RL (the paper's SFT-GT idea; the
-    small offline model almost never writes a working cell without it): mean NLL of the agent tokens."""
-    episodes = scripted_episodes(tokenizer, envs, task_ids)
-    model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=args.warm_start_lr, weight_decay=0.0)
-    batch = rollout.collate(episodes, tokenizer.pad_token_id).to(device)
-    for epoch in range(args.warm_start_epochs):
-        total, t0 = 0.0, time.time()
-        chunks = torch.randperm(len(episodes)).split(args.micro_batch)
-        for rows in tqdm(chunks, desc=f"warm start {epoch + 1}/{args.warm_start_epochs}", leave=False,
-                         disable=not M.is_rank0()):
-            mb = batch.select(rows)
-            logp = M.token_logprobs(model, mb.input_ids, mb.attention_mask, positions=mb.agent_mask)  # (b, T-1)
-            nll = -torch.where(mb.agent_mask, logp, 0.0).sum() / mb.agent_mask.sum().clamp_min(1)  # () per agent token
-            nll.backward()
-            torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            total += nll.item() * len(rows)
-        log(dict(phase="warm_start", epoch=epoch + 1, episodes=len(episodes), nll=total / len(episodes),
-                 seconds=time.time() - t0))
+        print(f"memory check: {args.micro_batch} x {args.max_seq_len} tokens fit ({time.time() - t0:.0f} s)",
+              flush=True)
 
 
 def main(argv=None, envs=None, train_tasks=None, eval_tasks=None) -> list[dict]:
@@ -505,9 +488,11 @@ def main(argv=None, envs=None, train_tasks=None, eval_tasks=None) -> list[dict]:
         if train_tasks is None:
             train_tasks = appworld_env.load_task_ids(args.train_split, args.appworld_root, difficulties=diffs)
         if eval_tasks is None:
-            eval_tasks = appworld_env.load_task_ids(args.split if args.eval_only else args.eval_split, args.appworld_root)
+            eval_tasks = appworld_env.load_task_ids(args.split if args.eval_only else args.eval_split,
+                                                    args.appworld_root)
         if args.eval_only:
-            log(dict(phase="eval", **evaluate(model, tokenizer, envs, {args.split: eval_tasks}, args, rank, world_size)))
+            scores = evaluate(model, tokenizer, envs, {args.split: eval_tasks}, args, rank, world_size)
+            log(dict(phase="eval", **scores))
             if master:
                 print(json.dumps(history[-1]))
             return history
@@ -521,7 +506,8 @@ def main(argv=None, envs=None, train_tasks=None, eval_tasks=None) -> list[dict]:
         if args.memory_check:
             memory_check(model, args, device)
         if not resuming and args.warm_start_epochs > 0:  # every rank the same data: the same number of FSDP passes
-            warm_start(model, tokenizer, envs, train_tasks, args, device, log)
+            warm_start(model, tokenizer, envs, train_tasks, device, epochs=args.warm_start_epochs,
+                       lr=args.warm_start_lr, micro_batch=args.micro_batch, grad_clip=args.grad_clip, log=log)
             save_checkpoint(ckpt, model, optimizer, args, 0, master)  # --resume skips it
 
         def evaluate_and_keep_best(iteration: int) -> None:
@@ -529,7 +515,8 @@ def main(argv=None, envs=None, train_tasks=None, eval_tasks=None) -> list[dict]:
             the earlier one). Every rank holds the same metrics, so all take the same branch."""
             nonlocal best
             splits = {"train": train_tasks, args.eval_split: eval_tasks}
-            row = dict(phase="eval", iteration=iteration, **evaluate(model, tokenizer, envs, splits, args, rank, world_size))
+            scores = evaluate(model, tokenizer, envs, splits, args, rank, world_size)
+            row = dict(phase="eval", iteration=iteration, **scores)
             score = (row[f"{args.eval_split}_tgc"], row[f"{args.eval_split}_sgc"])
             row["best"] = best is None or score > tuple(best)
             log(row)
@@ -546,7 +533,8 @@ def main(argv=None, envs=None, train_tasks=None, eval_tasks=None) -> list[dict]:
             draw = tasks_for(it, train_tasks, args.tasks_per_iter, args.seed)
             # 2. K rollouts per task
             t0 = time.time()
-            episodes = collect(model, tokenizer, envs, draw[rank::world_size], args.k, args, temperature=args.temperature)
+            episodes = collect(model, tokenizer, envs, draw[rank::world_size], args.k, args,
+                               temperature=args.temperature)
             t_sample = time.time() - t0
             # 3. leave-one-out advantages; |A| < adv_threshold is dropped (the maths is in loop.py)
             adv, keep = advantages_for(episodes, args.k, args.estimator, args.adv_threshold)
@@ -570,7 +558,8 @@ def main(argv=None, envs=None, train_tasks=None, eval_tasks=None) -> list[dict]:
                        **upd, sample_s=t_sample, learn_s=t_learn,
                        task_successes={t: sum(s for u, s in outcomes if u == t) for t in draw})  # of K per task
             log(row)
-            bar.set_postfix(reward=f"{row['reward']:.3f}", success=f"{row['success']:.2f}", kl=f"{row['approx_kl']:.4f}")
+            bar.set_postfix(reward=f"{row['reward']:.3f}", success=f"{row['success']:.2f}",
+                            kl=f"{row['approx_kl']:.4f}")
             if args.eval_every and ((it + 1) % args.eval_every == 0 or it + 1 == args.iterations):
                 evaluate_and_keep_best(it + 1)
             if (it + 1) % args.save_every == 0 or it + 1 == args.iterations:

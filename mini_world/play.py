@@ -1,10 +1,15 @@
-"""Scripted episodes through a real EnvPool: the mini-world's solutions (show_episode, the warm start)
+"""Scripted episodes through a real EnvPool: the mini-world's solutions (show_episode, warm_start)
 or any other turns (the tests' no-op and wrong-answer episodes).
 
     python -m mini_world.play likesong_1 [--prompt short]   # print an episode of a scripted solution
 """
 import argparse
+import time
 
+import torch
+from tqdm import tqdm
+
+import model as M
 import rollout
 from appworld_env import DEFAULT_ROOT, PROMPTS, EnvPool, StepResult
 from mini_world.scenarios import solution
@@ -35,7 +40,7 @@ def play_solutions(envs, task_ids: list[str], scripts: list[list[str]] | None = 
 
 def scripted_episodes(tokenizer, envs, task_ids: list[str]) -> list[rollout.Episode]:
     """Each task's scripted solution as a rollout.Episode laid out as rollout.collect lays one out (our
-    own text, so tokenising it is fine): train.py's warm start learns from them. Failed scripts go."""
+    own text, so tokenising it is fine): warm_start learns from them. Failed scripts go."""
     episodes = []
     for task_id, (messages, steps) in zip(task_ids, play_solutions(envs, task_ids)):
         e = rollout.Episode(task_id=task_id)
@@ -49,6 +54,30 @@ def scripted_episodes(tokenizer, envs, task_ids: list[str]) -> list[rollout.Epis
         e.record(steps[-1][1])  # the final StepResult: reward, success, tests, info
         episodes.append(e)
     return [e for e in episodes if e.success]
+
+
+def warm_start(model, tokenizer, envs, task_ids, device, *, epochs, lr, micro_batch, grad_clip, log) -> None:
+    """Supervised epochs on the mini-world's scripted solutions before RL (the paper's SFT-GT idea; the
+    small offline model almost never writes a working cell without it): mean NLL of the agent tokens."""
+    episodes = scripted_episodes(tokenizer, envs, task_ids)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    batch = rollout.collate(episodes, tokenizer.pad_token_id).to(device)
+    for epoch in range(epochs):
+        total, t0 = 0.0, time.time()
+        chunks = torch.randperm(len(episodes)).split(micro_batch)
+        for rows in tqdm(chunks, desc=f"warm start {epoch + 1}/{epochs}", leave=False, disable=not M.is_rank0()):
+            mb = batch.select(rows)
+            logp = M.token_logprobs(model, mb.input_ids, mb.attention_mask, positions=mb.agent_mask)  # (b, T-1)
+            nll = -torch.where(mb.agent_mask, logp, 0.0).sum() / mb.agent_mask.sum().clamp_min(1)  # () per agent token
+            nll.backward()
+            torch.nn.utils.clip_grad_norm_(params, grad_clip)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            total += nll.item() * len(rows)
+        log(dict(phase="warm_start", epoch=epoch + 1, episodes=len(episodes), nll=total / len(episodes),
+                 seconds=time.time() - t0))
 
 
 def show_episode(task_id: str, root: str = DEFAULT_ROOT, prompt: str = "paper") -> None:
