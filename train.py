@@ -53,8 +53,7 @@ class Args:
     lora_alpha: int = arg(32, "LoRA alpha (scale alpha/r)")
     gradient_checkpointing: bool = arg(True, "recompute decoder layers in backward to save activation memory")
     # --- data and environment
-    appworld_root: str = arg(str(appworld_env.DEFAULT_ROOT),
-                             "AppWorld root holding data/ (real data, or the mini world)")
+    appworld_root: str = arg(appworld_env.DEFAULT_ROOT, "AppWorld root holding data/ (real data, or the mini-world)")
     train_split: str = arg("train", "split whose tasks are trained on", appworld_env.SPLITS)
     difficulties: str = arg("1,2", "comma-separated task difficulties to train on (the paper: 1,2)")
     reward: str = arg("fraction", "training reward: 'fraction' of unit tests passed (the paper), 'binary' or "
@@ -109,8 +108,7 @@ class Args:
     checkpoint: str | None = arg(None, "model for --eval-only: a from_pretrained folder (e.g. runs/loop/best)")
     seed: int = arg(0, "random seed (each rank and iteration derives its own)")
     dtype: str = arg("auto", "compute dtype ('auto': bfloat16 where fast); frozen weights are stored in it, "
-                             "trainable ones stay float32",
-                     ("auto", "bfloat16", "float32"))
+                             "trainable ones stay float32", ("auto", "bfloat16", "float32"))
     memory_check: bool = arg(True, "one forward/backward pass of micro_batch x max_seq_len tokens before the first "
                                    "rollout, so a run that cannot fit fails at once")
     dist_timeout_s: int = arg(1800, "seconds a collective may wait before the process group gives up")
