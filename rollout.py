@@ -19,8 +19,6 @@ from transformers import DynamicCache
 
 from model import any_rank, gathered, is_rank0, max_over_ranks
 
-END_REASONS = ("completed", "turn_limit", "context_limit", "env_failed")
-
 
 @dataclass
 class Episode:
@@ -36,7 +34,7 @@ class Episode:
     pass_count: int = 0
     num_tests: int = 0
     num_turns: int = 0
-    end_reason: str = ""  # one of END_REASONS
+    end_reason: str = ""  # "completed", "turn_limit", "context_limit" or "env_failed"
     info: dict = field(default_factory=dict)  # the environment's last info
 
     def append(self, ids, *, agent=False, logprobs=None):
