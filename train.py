@@ -19,7 +19,6 @@ import json
 import math
 import os
 import random
-import shutil
 import time
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -28,12 +27,12 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 from tqdm import tqdm
 
 import appworld_env
 import model as M
 import rollout
+from checkpoint import load_checkpoint, save_best, save_checkpoint
 from loop import grpo_advantages, keep_mask, leave_one_out, loop_loss
 from mini_world.build import is_mini_world, setup_mini_world
 from mini_world.play import warm_start
@@ -360,57 +359,6 @@ def summary(history: list[dict]) -> str:
                            for k, v in r.items() if k.endswith(("_tgc", "_sgc", "_reward")))
         lines.append(f"eval after iteration {r.get('iteration', 0)}: {scores}" + (" (best)" if r.get("best") else ""))
     return "\n".join(lines)
-
-
-def trainable(model) -> set[str]:
-    """Names of the weights training changes (the LoRA adapters, or every weight): what a checkpoint holds."""
-    return {n for n, p in model.named_parameters() if p.requires_grad}
-
-
-def save_checkpoint(path: Path, model, optimizer, args: Args, iteration: int, master: bool, best=None) -> None:
-    """Trainable weights + optimizer state + iteration + args + the score of best/, written
-    atomically on rank 0. Under FSDP the full state is gathered first (every rank must call this)."""
-    opts = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
-    model_sd, optim_sd = get_state_dict(model, optimizer, options=opts)
-    names = trainable(model)
-    model_sd = {k: v for k, v in model_sd.items() if k in names}  # a tied (frozen) LM head slips through
-    if master:
-        tmp = path.with_suffix(".tmp")
-        torch.save(dict(model=model_sd, optimizer=optim_sd, iteration=iteration, args=dataclasses.asdict(args),
-                        best=best), tmp)
-        os.replace(tmp, path)  # a crash mid-write never leaves a broken checkpoint behind
-
-
-def load_checkpoint(path: Path, model, optimizer) -> tuple[int, tuple | None]:
-    """Restore trainable weights and optimizer state on every rank; returns the next iteration and
-    the score of best/ (None before any evaluation). The optimizer's hyperparameters come from this
-    run's flags, not the checkpoint: `--resume --lr 0` must mean lr 0."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    saved, names = set(ckpt["model"]), trainable(model)
-    if saved != names:  # e.g. another --lora-rank: the model would silently start afresh
-        raise ValueError(f"{path} does not hold this model's trainable weights: missing "
-                         f"{sorted(names - saved)[:5]}, unexpected {sorted(saved - names)[:5]}")
-    flags = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]  # lr, eps, ...
-    set_state_dict(model, optimizer, model_state_dict=ckpt["model"], optim_state_dict=ckpt["optimizer"],
-                   options=StateDictOptions(full_state_dict=True, strict=False))
-    for group, f in zip(optimizer.param_groups, flags):
-        group.update(f)
-    return ckpt["iteration"], ckpt.get("best")
-
-
-def save_best(model, tokenizer, out: Path, master: bool) -> None:
-    """Replace out/best (a from_pretrained folder) by the model, written beside it first, so a
-    complete best/ exists at every moment but between two renames. Every rank calls this (M.save is
-    a collective under FSDP)."""
-    best, tmp, old = out / "best", out / "best.tmp", out / "best.old"
-    if master:
-        shutil.rmtree(tmp, ignore_errors=True)  # what a crash mid-write left
-    M.save(model, tokenizer, tmp)
-    if master:
-        if best.exists():
-            os.replace(best, old)
-        os.replace(tmp, best)
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def memory_check(model, args: Args, device) -> None:
