@@ -13,11 +13,10 @@ It then takes PPO steps on the agent's own tokens only (Eq. 10, per-token import
     L(theta) = 1/K sum_k 1/|a(x_k)| sum_{t in a(x_k)} min( w_t * A_k , g_eps(A_k) ),
     w_t = pi_theta(x_t | x_<t) / pi_old(x_t | x_<t),        g_eps(A) = A + eps * |A| .
 
-No value network, no reference model, no KL penalty. Everything here takes padded batches of B
-trajectories of T positions, with a boolean `mask` that is True exactly on the tokens the agent
-generated. Masked-out positions contribute exactly zero loss and zero gradient even when they hold
-NaN or inf, because every reduction goes through `torch.where` (NaN * 0 is NaN). This file imports
-only torch, so it can be copied into any project.
+No value network, no reference model, no KL penalty. Everything here takes padded batches of B trajectories
+of T positions, with a boolean `mask` that is True exactly on the tokens the agent generated. Masked-out
+positions contribute exactly zero loss and zero gradient even when they hold NaN or inf, because every
+reduction goes through `torch.where` (NaN * 0 is NaN). This file imports only torch: copy it anywhere.
 """
 from dataclasses import dataclass
 

@@ -23,6 +23,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 from torch.utils.checkpoint import checkpoint
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -169,8 +171,6 @@ def shard(model, *, mixed_precision=False):
     mixed_precision: compute in bfloat16, reduce gradients in float32, store weights as they are."""
     if not distributed():
         return model
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
-
     bf16 = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     mp = bf16 if mixed_precision else MixedPrecisionPolicy()
     for module in [*decoder_layers(model), model]:
@@ -185,11 +185,8 @@ def shard(model, *, mixed_precision=False):
 
 @contextlib.contextmanager
 def gathered(model):
-    """Keep a sharded model's weights whole after their first forward (a sampling phase: no
-    collectives per decode step), at the cost of one full copy per rank; resharded on exit.
-    A no-op for an unsharded model."""
-    from torch.distributed.fsdp import FSDPModule
-
+    """Keep a sharded model's weights whole after their first forward (a sampling phase: no collectives
+    per decode step), at the cost of one full copy per rank; resharded on exit. No-op if unsharded."""
     if not isinstance(model, FSDPModule):
         yield model
         return
@@ -251,8 +248,6 @@ def export_state_dict(model):
     """The full state dict under the base model's names, LoRA merged (W + alpha/r * B A); the model
     is untouched. Under FSDP every rank calls it: rank 0 gets CPU tensors, the others {}."""
     if distributed():
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
         sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     else:
         sd = {k: v.cpu() for k, v in model.state_dict().items()}
