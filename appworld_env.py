@@ -21,8 +21,7 @@ from multiprocessing.connection import Connection
 
 import sandbox
 
-REPO = sandbox.REPO  # the repository's folder
-DEFAULT_ROOT = os.environ.get("APPWORLD_ROOT") or os.path.join(REPO, "appworld_root")
+DEFAULT_ROOT = os.environ.get("APPWORLD_ROOT") or os.path.join(sandbox.REPO, "appworld_root")
 SPLITS = ("train", "dev", "test_normal", "test_challenge")
 REWARDS = ("fraction", "binary", "progress")
 
@@ -60,12 +59,11 @@ def load_task_ids(split: str, root: str = DEFAULT_ROOT, difficulties=None) -> li
 
 def _check_task_id(root: str, task_id: str) -> None:
     """A clear error for an unknown task id, naming the split files it was looked for in."""
-    if os.path.isfile(os.path.join(root, "data", "tasks", task_id, "specs.json")):
-        return
-    split_files = [os.path.join(root, "data", "datasets", s + ".txt") for s in SPLITS]
-    raise ValueError(f"Unknown task id {task_id!r}: it is in none of the split files "
-                     f"{[p for p in split_files if os.path.exists(p)]} and has no folder "
-                     f"{os.path.join(root, 'data', 'tasks', task_id)}.")
+    folder = os.path.join(root, "data", "tasks", task_id)
+    if not os.path.isfile(os.path.join(folder, "specs.json")):
+        splits = [p for s in SPLITS if os.path.exists(p := os.path.join(root, "data", "datasets", s + ".txt"))]
+        raise ValueError(f"Unknown task id {task_id!r}: it is in none of the split files {splits} and has no "
+                         f"folder {folder}.")
 
 
 def task_metrics(task_ids: list[str], successes: list[bool]) -> dict:
@@ -199,7 +197,8 @@ def reminder(info: dict, prompt: str = "paper") -> str:
     """Appended to every observation (as the paper does), so the task stays in view: the whole
     task block for `paper`, the instruction alone for `short`."""
     if prompt == "short":
-        return f"(Your task: {info['instruction']} Reply with one ```python block; end with apis.supervisor.complete_task.)"
+        return (f"(Your task: {info['instruction']} Reply with one ```python block; "
+                "end with apis.supervisor.complete_task.)")
     return f"As a reminder, my task:\n{task_block(info)}"
 
 
@@ -332,7 +331,8 @@ class EnvPool:
                 output, hidden, completed = str(reply["output"]), int(reply["hidden"]), reply["completed"] is True
             except (KeyError, TypeError, ValueError):
                 why = reply if isinstance(reply, str) else "its process sent a malformed reply"
-                results[slot] = StepResult(f"The environment failed: {why}", True, info={"env_failed": True, "error": why})
+                results[slot] = StepResult(f"The environment failed: {why}", True,
+                                           info={"env_failed": True, "error": why})
                 if not episode.done:  # a reply that is a dict but not a step's
                     self._end(slot)
                 continue

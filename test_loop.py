@@ -30,6 +30,7 @@ import bench
 import loop
 import model
 import rollout
+import sandbox
 import train
 from appworld_env import StepResult
 from loop import clipped_surrogate, grpo_advantages, importance_weights, keep_mask, leave_one_out, loop_loss
@@ -299,23 +300,23 @@ def test_env_setup_is_idempotent_and_fast_the_second_time(world_root):
     start = time.time()
     setup_mini_world()
     assert time.time() - start < 5
-    command = [sys.executable, os.path.join(env.REPO, "appworld_env.py"), "setup"]  # the same, by hand
+    command = [sys.executable, os.path.join(sandbox.REPO, "appworld_env.py"), "setup"]  # the same, by hand
     done = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and "mini-world ready" in done.stdout, done.stderr
 
 
 def test_env_mini_world_readme_table_is_the_scenarios():
-    with open(os.path.join(env.REPO, "mini_world", "README.md")) as file:
+    with open(os.path.join(sandbox.REPO, "mini_world", "README.md")) as file:
         assert table() in file.read()
 
 
 def test_env_cli_shows_a_scripted_episode_and_times_the_pool(world_root):
     shown = subprocess.run([sys.executable, "-m", "mini_world.play", "venmopay_2", "--prompt", "short"],
-                           cwd=env.REPO, capture_output=True, text=True, timeout=300)
+                           cwd=sandbox.REPO, capture_output=True, text=True, timeout=300)
     assert shown.returncode == 0 and shown.stdout.count("----- assistant") == 2, shown.stderr
     assert shown.stdout.rstrip().endswith("----- done: reward 1.0, success True, 3/3 tests passed")
-    timed = subprocess.run([sys.executable, os.path.join(env.REPO, "bench.py"), "--env", "--slots", "2", "--rounds", "2"],
-                           capture_output=True, text=True, timeout=300)
+    timed = subprocess.run([sys.executable, "bench.py", "--env", "--slots", "2", "--rounds", "2"],
+                           cwd=sandbox.REPO, capture_output=True, text=True, timeout=300)
     assert timed.returncode == 0 and timed.stdout.startswith("pool start"), timed.stderr
     for op in ("reset", "step", "score"):
         assert re.search(rf"^{op} of 2 episodes at once, s per round: [0-9.]+ [0-9.]+$", timed.stdout, re.M), timed.stdout
@@ -651,7 +652,7 @@ def test_env_agent_process_holds_none_of_the_trainer_environment(pool):
 def test_env_agent_code_cannot_write_outside_its_output_nor_signal_the_trainer(pool, world_root):
     _skip_unless(pool, "own uid", "read-only files")
     evaluation = os.path.join(world_root, "data", "tasks", "birthday_1", "ground_truth", "evaluation.py")
-    stray = [os.path.join(world_root, "data", "stray.txt"), os.path.join(env.REPO, "stray.txt")]
+    stray = [os.path.join(world_root, "data", "stray.txt"), os.path.join(sandbox.REPO, "stray.txt")]
     if "read-only files" in pool.isolation:  # without namespaces, /tmp is writable by anyone
         stray.append(f"/tmp/loop-stray-{os.getpid()}.txt")
     create = IMPORT + "posix = imp('posix')\nposix.close(posix.open({!r}, posix.O_WRONLY | posix.O_CREAT))\nprint('created')"

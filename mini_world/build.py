@@ -17,9 +17,9 @@ import subprocess
 import sys
 import time
 
-from appworld_env import DEFAULT_ROOT, REPO, extract_code
+from appworld_env import DEFAULT_ROOT, extract_code
 from mini_world.scenarios import SCENARIOS, solution, template_fields
-from sandbox import ensure_appworld_installed
+from sandbox import REPO, ensure_appworld_installed
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
