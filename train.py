@@ -219,8 +219,6 @@ def advantages_for(episodes: list[rollout.Episode], k: int, estimator: str, thre
     index = [[i for i in range(start, start + k) if episodes[i].end_reason != "env_failed"]
              for start in range(0, len(episodes), k)]
     index = [idx for idx in index if len(idx) >= 2]
-    if not index:
-        return adv, keep
     groups = [torch.tensor([episodes[i].reward for i in idx]) for idx in index]  # (K_n,) each
     if estimator == "grpo":
         out = grpo_advantages(groups)
@@ -373,10 +371,10 @@ def memory_check(model, args: Args, device) -> None:
     except (torch.OutOfMemoryError, RuntimeError) as e:
         if not isinstance(e, torch.OutOfMemoryError) and "memory" not in str(e):
             raise
+        why = str(e).splitlines()[0]
         raise SystemExit(f"error: one micro-batch of --micro-batch {args.micro_batch} x --max-seq-len "
-                         f"{args.max_seq_len} tokens does not fit ({str(e).splitlines()[0]}). Lower --micro-batch "
-                         f"or --max-seq-len, or turn on --gradient-checkpointing; --no-memory-check skips this "
-                         f"check.") from None
+                         f"{args.max_seq_len} tokens does not fit ({why}). Lower --micro-batch or --max-seq-len, or "
+                         "turn on --gradient-checkpointing; --no-memory-check skips this check.") from None
     finally:
         model.zero_grad(set_to_none=True)
     if M.is_rank0():
